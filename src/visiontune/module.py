@@ -1,0 +1,185 @@
+"""ImageClassifier: a pretrained backbone (top removed) plus a new head.
+
+Hyperparameters are plain values only (strings, numbers, lists, dicts of those), so checkpoints load
+under `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from visiontune.backbones import create_backbone
+from visiontune.param_groups import build_param_groups
+from visiontune.schedules import lr_factor
+
+log = logging.getLogger(__name__)
+
+
+def make_head(
+    num_features: int, num_classes: int, dropout: float = 0.0, hidden: int | None = None
+) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
+    if hidden:
+        layers += [nn.Linear(num_features, hidden), nn.ReLU(inplace=True)]
+        layers += [nn.Dropout(dropout)] if dropout > 0 else []
+        num_features = hidden
+    layers.append(nn.Linear(num_features, num_classes))
+    return nn.Sequential(*layers)
+
+
+def make_optimizer(cfg: dict, groups: list[dict]) -> torch.optim.Optimizer:
+    name = cfg["name"]
+    if name == "sgd":
+        return torch.optim.SGD(
+            groups, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False)
+        )
+    if name == "adam":  # L2 weight decay, added to the gradient
+        return torch.optim.Adam(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))))
+    if name == "adamw":  # decoupled weight decay
+        return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))))
+    raise ValueError(f"unknown optimizer '{name}'; choose sgd, adam or adamw")
+
+
+def describe_lrs(optimizer: torch.optim.Optimizer) -> str:
+    """Each group's current LR (the no-decay twins share their group's LR and are left out)."""
+    groups = enumerate(optimizer.param_groups)
+    return ", ".join(
+        f"{g.get('name', i)}={g['lr']:.3g}" for i, g in groups if not str(g.get("name")).endswith("no_decay")
+    )
+
+
+class ImageClassifier(L.LightningModule):
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        pretrained: bool = True,
+        num_classes: int = 10,
+        class_names: list[str] | None = None,
+        head_dropout: float = 0.0,
+        head_hidden: int | None = None,
+        label_smoothing: float = 0.0,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        backbone_lr_mult: float = 1.0,
+        layer_decay: float = 1.0,
+        channels_last: bool = False,
+        data: dict | None = None,
+        augment: dict | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = create_backbone(backbone, pretrained)
+        self.head = make_head(self.backbone.num_features, num_classes, head_dropout, head_hidden)
+        self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
+        self.scheduler_cfg = dict(scheduler or {"name": "none"})
+        self.mix = None  # batch-level MixUp/CutMix, set by train()
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        metric = lambda: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)  # noqa: E731
+        self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(x))
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # `target` is class indices, or class probabilities after MixUp/CutMix.
+        return F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
+
+    def on_train_epoch_start(self) -> None:
+        # Reseed per epoch (augmentation, dropout, mixup): a resumed run repeats the uninterrupted one.
+        L.seed_everything(self.hparams.seed + self.current_epoch, workers=True, verbose=False)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        target = y
+        if self.mix is not None:
+            x, target = self.mix(x, y)
+        logits = self(x)
+        loss = self.loss(logits, target)
+        hard = target.argmax(1) if target.ndim == 2 else target
+        self.train_acc(logits, hard)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch, stage: str, metric: torchmetrics.Metric):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        metric(logits, y)
+        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, prog_bar=stage == "val")
+        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val")
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch, batch_idx):
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(x).softmax(-1)
+
+    # -- optimisation
+    def param_groups(self) -> list[dict]:
+        backbone_groups = list(
+            zip([g.name for g in self.backbone.groups], self.backbone.group_parameters(), strict=True)
+        )
+        return build_param_groups(
+            backbone_groups,
+            list(self.head.named_parameters()),
+            lr=self.optimizer_cfg["lr"],
+            weight_decay=self.optimizer_cfg.get("weight_decay", 0.0),
+            backbone_lr_mult=self.hparams.backbone_lr_mult,
+            layer_decay=self.hparams.layer_decay,
+        )
+
+    def finetune_strategy(self):
+        from visiontune.finetune import FinetuneStrategy
+
+        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        return next((c for c in callbacks if isinstance(c, FinetuneStrategy)), None)
+
+    def configure_optimizers(self):
+        groups = self.param_groups()
+        optimizer = make_optimizer(self.optimizer_cfg, groups)
+        sched = dict(self.scheduler_cfg)
+        name = sched.pop("name", "none")
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, math.ceil(total / max(1, self.trainer.max_epochs or 1)))
+        warmup = int(sched.pop("warmup_steps", 0) or 0) + int(sched.pop("warmup_epochs", 0) * steps_per_epoch)
+        strategy = self.finetune_strategy()
+
+        def factor_for(group_index: int):
+            # Plain closures: LambdaLR does not pickle functions into the checkpoint.
+            def factor(step: int) -> float:
+                f = lr_factor(step, name, total, steps_per_epoch, warmup_steps=warmup, **sched)
+                if strategy is not None:
+                    f *= strategy.lr_gate(group_index, step, steps_per_epoch)
+                return f
+
+            return factor
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [factor_for(g["group_index"]) for g in groups]
+        )
+        log.info(
+            "optimizer %s, schedule %s over %d steps (%d per epoch, warmup %d)",
+            self.optimizer_cfg["name"],
+            name,
+            total,
+            steps_per_epoch,
+            warmup,
+        )
+        log.info("group LRs at step 0: %s", describe_lrs(optimizer))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

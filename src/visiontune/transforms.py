@@ -1,0 +1,131 @@
+"""Transform presets (torchvision transforms v2), built from the backbone's pretrained data config.
+
+Eval: resize + centre crop (`crop_pct`), or a plain resize when `crop_pct` is 1 (small source images
+such as 28 px Fashion-MNIST must not lose their border). Train with `augment=none` is the eval
+transform exactly (DESIGN rule 7): a scale mismatch between train and eval costs points.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.transforms import v2
+
+PRESETS = (
+    "none",
+    "flip",
+    "basic",
+    "affine",
+    "color",
+    "noise",
+    "randaugment",
+    "trivialaugment",
+    "autoaugment",
+    "random_erasing",
+    "strong",
+)
+
+
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    return v2.InterpolationMode(name)
+
+
+def _resize(size: int, crop_pct: float, interp: v2.InterpolationMode) -> list:
+    if crop_pct >= 1.0:
+        return [v2.Resize((size, size), interpolation=interp, antialias=True)]
+    return [
+        v2.Resize(math.floor(size / crop_pct), interpolation=interp, antialias=True),
+        v2.CenterCrop(size),
+    ]
+
+
+def _to_float(mean, std) -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+
+def eval_transform(size: int, mean, std, interpolation: str, crop_pct: float) -> v2.Compose:
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RGB(),
+            *_resize(size, crop_pct, interpolation_mode(interpolation)),
+            *_to_float(mean, std),
+        ]
+    )
+
+
+def train_transform(augment: dict, size: int, mean, std, interpolation: str, crop_pct: float) -> v2.Compose:
+    """The training transform of preset `augment["name"]`; its other keys tune the preset."""
+    name = augment.get("name", "none")
+    interp = interpolation_mode(interpolation)
+    resize = _resize(size, crop_pct, interp)
+    flip = [v2.RandomHorizontalFlip(augment.get("hflip", 0.5))]
+    rrc = [
+        v2.RandomResizedCrop(
+            size, scale=tuple(augment.get("scale", (0.08, 1.0))), interpolation=interp, antialias=True
+        )
+    ]
+    after: list = []
+    if name == "none":
+        middle = resize
+    elif name == "flip":
+        middle = resize + flip
+    elif name == "basic":
+        middle = rrc + flip
+    elif name == "affine":
+        middle = resize + flip
+        middle += [
+            v2.RandomAffine(
+                degrees=augment.get("degrees", 15),
+                translate=tuple(augment.get("translate", (0.1, 0.1))),
+                scale=tuple(augment.get("affine_scale", (0.9, 1.1))),
+                interpolation=v2.InterpolationMode.BILINEAR,
+            )
+        ]
+    elif name == "color":
+        jitter = augment.get("jitter", 0.4)
+        middle = resize + flip + [v2.ColorJitter(jitter, jitter, jitter, augment.get("hue", 0.1))]
+        middle += [v2.RandomGrayscale(augment.get("grayscale_p", 0.1))]
+    elif name == "noise":
+        middle = (
+            resize
+            + flip
+            + [v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.5))], p=augment.get("blur_p", 0.3))]
+        )
+        after = [v2.GaussianNoise(sigma=augment.get("noise_sigma", 0.05), clip=False)]
+    elif name == "randaugment":
+        middle = (
+            resize
+            + flip
+            + [v2.RandAugment(num_ops=augment.get("num_ops", 2), magnitude=augment.get("magnitude", 9))]
+        )
+    elif name == "trivialaugment":
+        middle = resize + flip + [v2.TrivialAugmentWide()]
+    elif name == "autoaugment":
+        middle = resize + flip + [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)]
+    elif name == "random_erasing":
+        middle = resize + flip
+        after = [v2.RandomErasing(p=augment.get("erasing_p", 0.25))]
+    elif name == "strong":
+        middle = rrc + flip + [v2.TrivialAugmentWide()]
+        after = [v2.RandomErasing(p=augment.get("erasing_p", 0.25))]
+    else:
+        raise ValueError(f"unknown augment preset '{name}'; choose one of {', '.join(PRESETS)}")
+    if name == "noise":  # noise is added in [0, 1] space, before normalisation
+        tail = [v2.ToDtype(torch.float32, scale=True), *after, v2.Normalize(mean=list(mean), std=list(std))]
+        return v2.Compose([v2.ToImage(), v2.RGB(), *middle, *tail])
+    return v2.Compose([v2.ToImage(), v2.RGB(), *middle, *_to_float(mean, std), *after])
+
+
+def batch_mix(augment: dict, num_classes: int):
+    """Batch-level MixUp / CutMix (soft targets), or None when both alphas are 0."""
+    mixup, cutmix = augment.get("mixup_alpha", 0.0), augment.get("cutmix_alpha", 0.0)
+    choices = []
+    if mixup > 0:
+        choices.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        choices.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    if not choices:
+        return None
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)

