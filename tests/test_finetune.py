@@ -205,3 +205,29 @@ def test_resume_after_unfreeze_matches_an_uninterrupted_run(tmp_path):
     final_a = {g["name"]: g["lr"] for g in straight.optimizers[0].param_groups}
     final_c = {g["name"]: g["lr"] for g in resumed.optimizers[0].param_groups}
     assert final_a == pytest.approx(final_c)
+
+
+def test_ddp_soft_freeze_unfreezes_and_ranks_agree(tmp_path):
+    """2 CPU processes (gloo): frozen epoch leaves the backbone alone, then it trains, identically on both ranks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "ddp_unfreeze_worker.py"
+    result = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    initial = torch.load(tmp_path / "rank0_initial.pt")
+    states = {(r, e): torch.load(tmp_path / f"rank{r}_epoch{e}.pt") for r in (0, 1) for e in (0, 1)}
+    weights = [k for k in initial if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    for rank in (0, 1):
+        assert all(
+            torch.equal(initial[k], v) for k, v in torch.load(tmp_path / f"rank{rank}_initial.pt").items()
+        )
+        assert all(torch.equal(initial[k], states[rank, 0][k]) for k in initial), "soft-frozen backbone moved"
+        assert all(not torch.equal(initial[k], states[rank, 1][k]) for k in weights if "conv" in k), (
+            "did not train"
+        )
+    for k in initial:
+        assert torch.equal(states[0, 1][k], states[1, 1][k]), f"ranks disagree on {k}"
