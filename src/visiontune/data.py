@@ -2,11 +2,21 @@
 
 Standard datasets (Fashion-MNIST, MNIST, CIFAR) are held in memory as uint8 tensors and transformed
 per sample in the main process: on 2 cores a worker process would only compete with the model.
-Image folders are decoded with PIL in worker processes, with bad files found and skipped at setup.
+Image folders and CSV lists are decoded with PIL in worker processes, with bad files found and
+skipped (or, with `data.strict=true`, refused) at setup.
+
+File datasets (`data.root`):
+- `imagefolder`: `root/train/<class>/*`, optional `root/val/<class>/*` and `root/test/<class>/*`.
+- `csv`: a CSV file of `path,label` lines (the training list), or a folder holding `train.csv` and
+  optional `val.csv` / `test.csv`. Paths are relative to the CSV's folder; the first line is a header
+  when its path cell has no file extension (`path,label`, `filename,class`, ...).
+Classes are the sorted names found in train. Without a val split, a seeded stratified `val_fraction`
+of train becomes val; without a test split, the run tests on val.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import logging
 import os
@@ -17,7 +27,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from visiontune.errors import UserError
 from visiontune.transforms import eval_transform, train_transform
@@ -27,6 +37,9 @@ log = logging.getLogger(__name__)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 STANDARD = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
+BALANCE = ("none", "sampler", "loss_weights")
+SPLITS = ("train", "val", "test")
+MAX_LISTED = 50  # bad files named one by one in a report; the rest are counted
 FASHION_CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -126,11 +139,14 @@ class FileImageDataset(Dataset):
 class EpochShuffleSampler(torch.utils.data.Sampler):
     """A permutation drawn from (seed, epoch): a resumed run sees exactly the uninterrupted order.
 
-    Lightning calls `set_epoch` at every epoch start (and wraps this for DDP).
+    With `weights`, `n` indices drawn with replacement in proportion to them (class-balanced sampling),
+    still a function of (seed, epoch). Lightning calls `set_epoch` at every epoch start (and wraps this
+    for DDP).
     """
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, weights=None):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -140,6 +156,8 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:
+            return iter(torch.multinomial(self.weights, self.n, replacement=True, generator=gen).tolist())
         return iter(torch.randperm(self.n, generator=gen).tolist())
 
 
@@ -149,6 +167,8 @@ def collate_skip_none(batch):
 
 def check_image(path: Path) -> str | None:
     """Why `path` is not a usable image, or None. Header check plus a JPEG end-marker check."""
+    if not path.is_file():
+        return "missing"
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return "not an image file"
     if path.stat().st_size == 0:
@@ -166,6 +186,43 @@ def check_image(path: Path) -> str | None:
     return None
 
 
+def drop_bad_files(
+    paths: list[str], labels: list[int], where: Path, strict: bool
+) -> tuple[list[str], list[int]]:
+    """The usable (paths, labels). Bad files are listed by path, then skipped (warning) or fatal (strict)."""
+    good_paths, good_labels, bad = [], [], []
+    for path, label in zip(paths, labels, strict=True):
+        problem = check_image(Path(path))
+        if problem:
+            bad.append(f"{path} ({problem})")
+        else:
+            good_paths.append(path)
+            good_labels.append(label)
+    if bad:
+        listing = "\n  ".join(bad[:MAX_LISTED])
+        if len(bad) > MAX_LISTED:
+            listing += f"\n  ... and {len(bad) - MAX_LISTED} more"
+        if strict:
+            raise UserError(f"{len(bad)} bad files under {where} (data.strict=true):\n  {listing}")
+        warnings.warn(f"skipping {len(bad)} bad files under {where}:\n  {listing}", stacklevel=3)
+    return good_paths, good_labels
+
+
+def _unknown_classes(where: Path, names, classes: list[str], train: str) -> None:
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise UserError(
+            f"{where} has classes that are not in {train}: {unknown}. Fix the names, or add them to {train}"
+        )
+
+
+def _empty_classes(where: Path, labels: list[int], classes: list[str], what: str) -> None:
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+    if empty:
+        raise UserError(f"{what} with no usable images under {where}: {empty}. Add images or remove them")
+
+
 def scan_folder(
     root: Path, strict: bool, classes: list[str] | None = None
 ) -> tuple[list[str], list[str], list[int]]:
@@ -178,36 +235,69 @@ def scan_folder(
     if classes is None:
         classes = found
     else:
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise UserError(f"{root} has classes that are not in train/: {unknown}. Fix the folder names")
-    paths, labels, bad, empty = [], [], [], []
+        _unknown_classes(root, found, classes, "train/")
+    paths, labels = [], []
     for label, name in enumerate(classes):
         folder = root / name
-        if not folder.is_dir():
-            continue
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        good = 0
-        for p in files:
-            problem = check_image(p)
-            if problem:
-                bad.append(f"{p} ({problem})")
-                continue
-            paths.append(str(p))
-            labels.append(label)
-            good += 1
-        if good == 0 and found == classes:
-            empty.append(name)
-    if bad:
-        listing = "\n  ".join(bad)
-        if strict:
-            raise UserError(f"{len(bad)} bad files under {root} (data.strict=true):\n  {listing}")
-        warnings.warn(f"skipping {len(bad)} bad files under {root}:\n  {listing}", stacklevel=2)
-    if empty:
-        raise UserError(
-            f"class folders with no usable images under {root}: {empty}. Add images or remove them"
-        )
+        if folder.is_dir():
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+            paths += [str(p) for p in files]
+            labels += [label] * len(files)
+    paths, labels = drop_bad_files(paths, labels, root, strict)
+    if found == classes:
+        _empty_classes(root, labels, classes, "class folders")
     return classes, paths, labels
+
+
+def read_csv_list(csv_path: Path) -> tuple[list[str], list[str]]:
+    """(paths, label names) of a `path,label` CSV. Paths are relative to the CSV's folder.
+
+    The first line is a header when its path cell has no file extension (`path,label`).
+    """
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path} does not exist. Fix: data.root=/path/to/train.csv")
+    rows = []
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        for line, row in enumerate(csv.reader(f), start=1):
+            cells = [c.strip() for c in row]
+            if not any(cells):
+                continue
+            if len(cells) != 2 or not cells[0] or not cells[1]:
+                raise UserError(f"{csv_path} line {line}: expected `path,label`, got {row!r}")
+            rows.append(cells)
+    if rows and not Path(rows[0][0]).suffix and not (csv_path.parent / rows[0][0]).is_file():
+        rows = rows[1:]  # the header
+    if not rows:
+        raise UserError(f"{csv_path} lists no images. Expected lines of `path,label`")
+    return [str(csv_path.parent / p) for p, _ in rows], [label for _, label in rows]
+
+
+def scan_csv(
+    csv_path: Path, strict: bool, classes: list[str] | None = None
+) -> tuple[list[str], list[str], list[int]]:
+    """(classes, paths, labels) of a `path,label` CSV; bad files are reported, then skipped or fatal."""
+    paths, names = read_csv_list(csv_path)
+    if classes is None:
+        classes = sorted(set(names))
+    else:
+        _unknown_classes(csv_path, names, classes, "the training CSV")
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels = drop_bad_files(paths, [index[n] for n in names], csv_path, strict)
+    if set(names) == set(classes):
+        _empty_classes(csv_path, labels, classes, "classes")
+    return classes, paths, labels
+
+
+def csv_files(root: Path) -> dict[str, Path]:
+    """The CSV of each split: `root` itself is the training list, or a folder with train/val/test.csv."""
+    if root.is_file():
+        return {"train": root}
+    if not (root / "train.csv").is_file():
+        raise UserError(
+            f"{root} has no train.csv. Fix: data.root=/path/to/list.csv, or a folder with train.csv "
+            "(and optional val.csv, test.csv)"
+        )
+    return {split: root / f"{split}.csv" for split in SPLITS if (root / f"{split}.csv").is_file()}
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -267,9 +357,17 @@ class ImageDataModule(L.LightningDataModule):
         self.crop_pct = float(crop if crop is not None else data_config["crop_pct"])
         self._classes: list[str] | None = None
         self.train_set = self.val_set = self.test_set = None
+        self.balance = self.cfg.get("balance") or "none"
+        if self.balance not in BALANCE:
+            raise UserError(f"data.balance={self.balance} is unknown; choose one of {', '.join(BALANCE)}")
         if self.name == "imagefolder" and not self.root.is_dir():
             raise UserError(
                 f"data.root {self.root} does not exist. Fix: data.root=/path/to/dataset (with train/<class>/)"
+            )
+        if self.name == "csv" and not self.root.exists():
+            raise UserError(
+                f"data.root {self.root} does not exist. Fix: data.root=/path/to/train.csv, or a folder "
+                "with train.csv (and optional val.csv, test.csv)"
             )
 
     # -- transforms
@@ -304,9 +402,12 @@ class ImageDataModule(L.LightningDataModule):
                     raise UserError(
                         f"{train_dir} has no class folders. Expected {train_dir}/<class>/<images>"
                     )
+            elif self.name == "csv":
+                self._classes = sorted(set(read_csv_list(csv_files(self.root)["train"])[1]))
             else:
                 raise UserError(
-                    f"unknown dataset '{self.name}'; choose fashion_mnist, mnist, cifar10, cifar100, imagefolder"
+                    f"unknown dataset '{self.name}'; choose fashion_mnist, mnist, cifar10, cifar100, "
+                    "imagefolder, csv"
                 )
         return self._classes
 
@@ -349,24 +450,33 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = TensorImageDataset(x[val_idx], y[val_idx], self.eval_transform())
 
     def _setup_folders(self, stage):
+        """imagefolder and csv: scan every split (bad files out), then split, subset, fall back."""
         strict = bool(self.cfg.get("strict", False))
         classes = self.classes
-        splits = {}
-        for split in ("train", "val", "test"):
-            folder = self.root / split
-            if folder.is_dir():
-                splits[split] = scan_folder(folder, strict, classes)[1:]
-        paths, labels = splits["train"]
+        if self.name == "csv":
+            splits = {s: scan_csv(path, strict, classes)[1:] for s, path in csv_files(self.root).items()}
+        else:
+            splits = {
+                s: scan_folder(self.root / s, strict, classes)[1:] for s in SPLITS if (self.root / s).is_dir()
+            }
+
+        def take(split, indices):
+            paths, labels = splits[split]
+            splits[split] = ([paths[i] for i in indices], [labels[i] for i in indices])
+
         if "val" not in splits:
+            paths, labels = splits["train"]
             tr, va = stratified_split(np.asarray(labels), self.cfg.get("val_fraction", 0.1), self.seed)
             splits["val"] = ([paths[i] for i in va], [labels[i] for i in va])
-            paths, labels = [paths[i] for i in tr], [labels[i] for i in tr]
-        keep = self._subset(self.cfg.get("train_subset"), np.asarray(labels), 0)
-        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+            take("train", tr)
+        for offset, split in enumerate(("train", "val")):
+            take(split, self._subset(self.cfg.get(f"{split}_subset"), np.asarray(splits[split][1]), offset))
         if "test" not in splits:
-            log.warning("no %s/test folder: testing on the validation split", self.root)
+            log.warning("%s has no test split: testing on the validation split", self.root)
             splits["test"] = splits["val"]
-        self.train_set = FileImageDataset(paths, labels, self.train_transform())
+        if self.cfg.get("test_subset"):
+            take("test", self._subset(self.cfg["test_subset"], np.asarray(splits["test"][1]), 2))
+        self.train_set = FileImageDataset(*splits["train"], self.train_transform())
         self.val_set = FileImageDataset(*splits["val"], self.eval_transform())
         self.test_set = FileImageDataset(*splits["test"], self.eval_transform())
 
@@ -398,16 +508,25 @@ class ImageDataModule(L.LightningDataModule):
         labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
         return np.bincount(labels, minlength=self.num_classes)
 
+    def class_weights(self) -> torch.Tensor | None:
+        """Inverse-frequency class weights with mean 1 (for the loss) when data.balance=loss_weights.
+
+        A class absent from the training set counts as one image. None for any other `balance`.
+        """
+        if self.balance != "loss_weights":
+            return None
+        if self.train_set is None:
+            self.setup("fit")
+        weights = 1.0 / np.maximum(self.class_counts(), 1).astype(np.float64)
+        return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
     def train_dataloader(self) -> DataLoader:
-        sampler = None
-        if self.cfg.get("balance") == "sampler":
-            counts = self.class_counts()
-            labels = np.asarray(self.train_set.labels)
-            weights = 1.0 / np.maximum(counts[labels], 1)
-            gen = torch.Generator().manual_seed(self.seed)
-            sampler = WeightedRandomSampler(weights.tolist(), len(labels), replacement=True, generator=gen)
-        else:
-            sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        weights = None
+        if self.balance == "sampler":  # each class drawn equally often, with replacement
+            labels = self.train_set.labels
+            labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+            weights = 1.0 / np.maximum(self.class_counts()[labels], 1)
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed, weights)
         return self._loader(self.train_set, shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:

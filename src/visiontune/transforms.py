@@ -12,19 +12,25 @@ import math
 import torch
 from torchvision.transforms import v2
 
-PRESETS = (
-    "none",
-    "flip",
-    "basic",
-    "affine",
-    "color",
-    "noise",
-    "randaugment",
-    "trivialaugment",
-    "autoaugment",
-    "random_erasing",
-    "strong",
-)
+from visiontune.errors import UserError
+
+# Each preset's tunable keys (conf/augment/<preset>.yaml); every preset also takes the batch-level
+# `mixup_alpha` and `cutmix_alpha` (see batch_mix).
+PRESET_KEYS = {
+    "none": (),
+    "flip": ("hflip",),
+    "basic": ("scale", "hflip"),
+    "affine": ("hflip", "degrees", "translate", "affine_scale"),
+    "color": ("hflip", "jitter", "hue", "grayscale_p"),
+    "noise": ("hflip", "blur_p", "noise_sigma"),
+    "randaugment": ("hflip", "num_ops", "magnitude"),
+    "trivialaugment": ("hflip",),
+    "autoaugment": ("hflip",),
+    "random_erasing": ("hflip", "erasing_p"),
+    "strong": ("scale", "hflip", "erasing_p"),
+}
+PRESETS = tuple(PRESET_KEYS)
+COMMON_KEYS = ("name", "mixup_alpha", "cutmix_alpha")
 
 
 def interpolation_mode(name: str) -> v2.InterpolationMode:
@@ -58,6 +64,13 @@ def eval_transform(size: int, mean, std, interpolation: str, crop_pct: float) ->
 def train_transform(augment: dict, size: int, mean, std, interpolation: str, crop_pct: float) -> v2.Compose:
     """The training transform of preset `augment["name"]`; its other keys tune the preset."""
     name = augment.get("name", "none")
+    if name not in PRESET_KEYS:
+        raise UserError(f"unknown augment preset '{name}'; choose one of {', '.join(PRESETS)}")
+    unknown = sorted(set(augment) - set(COMMON_KEYS) - set(PRESET_KEYS[name]))
+    if unknown:
+        raise UserError(
+            f"augment={name} has no keys {unknown}; its keys are {[*COMMON_KEYS, *PRESET_KEYS[name]]}"
+        )
     interp = interpolation_mode(interpolation)
     resize = _resize(size, crop_pct, interp)
     flip = [v2.RandomHorizontalFlip(augment.get("hflip", 0.5))]
@@ -110,8 +123,8 @@ def train_transform(augment: dict, size: int, mean, std, interpolation: str, cro
     elif name == "strong":
         middle = rrc + flip + [v2.TrivialAugmentWide()]
         after = [v2.RandomErasing(p=augment.get("erasing_p", 0.25))]
-    else:
-        raise ValueError(f"unknown augment preset '{name}'; choose one of {', '.join(PRESETS)}")
+    else:  # a preset in PRESET_KEYS without a branch here
+        raise NotImplementedError(name)
     if name == "noise":  # noise is added in [0, 1] space, before normalisation
         tail = [v2.ToDtype(torch.float32, scale=True), *after, v2.Normalize(mean=list(mean), std=list(std))]
         return v2.Compose([v2.ToImage(), v2.RGB(), *middle, *tail])

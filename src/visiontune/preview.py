@@ -1,0 +1,80 @@
+"""`visiontune-augment-preview [overrides] [--n N] [--out PATH]`: look at what the model will see.
+
+Composes `conf/train.yaml` with the same overrides as a training run, builds the ImageDataModule
+exactly as `train()` does, and writes a PNG grid of N augmented training samples (batch-level MixUp /
+CutMix included), un-normalised back to pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from visiontune.errors import UserError
+
+GRID_COLUMNS = 8
+
+
+def preview(overrides: list[str], n: int, out: Path) -> Path:
+    """Write a grid of `n` augmented training samples of the run `overrides` describes to `out`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from torchvision.utils import make_grid, save_image
+
+    from visiontune.backbones import backbone_data_config
+    from visiontune.data import ImageDataModule
+    from visiontune.train import CONF_DIR, plain
+    from visiontune.transforms import batch_mix
+
+    if n < 1:
+        raise UserError(f"--n {n}: ask for at least one sample")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    datamodule = ImageDataModule(
+        plain(cfg.data), plain(cfg.augment), backbone_data_config(cfg.model.backbone), seed=cfg.seed
+    )
+    datamodule.setup("fit")
+    dataset = datamodule.train_set
+    torch.manual_seed(cfg.seed)
+    order = torch.randperm(len(dataset)).tolist()
+    samples = [s for s in (dataset[i] for i in order[: min(len(dataset), 2 * n)]) if s is not None][:n]
+    images = torch.stack([image for image, _ in samples])
+    labels = torch.tensor([label for _, label in samples])
+    mix = batch_mix(plain(cfg.augment), datamodule.num_classes)
+    if mix is not None and len(samples) > 1:
+        images, _ = mix(images, labels)
+    mean = torch.tensor(datamodule.mean, dtype=images.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(datamodule.std, dtype=images.dtype).view(1, -1, 1, 1)
+    images = (images * std + mean).clamp(0, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(images, nrow=min(len(images), GRID_COLUMNS)), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="visiontune-augment-preview",
+        description="Write a PNG grid of augmented training samples. Other arguments are Hydra "
+        "overrides, as for visiontune-train (e.g. augment=strong data.image_size=64).",
+    )
+    parser.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    parser.add_argument("--out", type=Path, default=Path("augment_preview.png"), help="the PNG to write")
+    args, overrides = parser.parse_known_args(argv)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        path = preview(overrides, args.n, args.out)
+    except (UserError, HydraException, OmegaConfBaseException) as exc:
+        message = " ".join(str(exc).split())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
