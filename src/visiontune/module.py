@@ -73,6 +73,7 @@ class ImageClassifier(L.LightningModule):
         data: dict | None = None,
         augment: dict | None = None,
         seed: int = 0,
+        class_weights: list[float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -81,10 +82,23 @@ class ImageClassifier(L.LightningModule):
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
         self.scheduler_cfg = dict(scheduler or {"name": "none"})
         self.mix = None  # batch-level MixUp/CutMix, set by train()
+        # data.balance=loss_weights: inverse class frequencies (mean 1) weight the training loss
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weight", weights, persistent=False)
         if channels_last:
             self.to(memory_format=torch.channels_last)
         metric = lambda: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)  # noqa: E731
         self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
+
+    @property
+    def lr(self) -> float:
+        """The head LR (`optimizer.lr`); the LR finder sets it through this attribute."""
+        return self.optimizer_cfg["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer_cfg["lr"] = float(value)
+        self.hparams.optimizer = dict(self.optimizer_cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -93,11 +107,17 @@ class ImageClassifier(L.LightningModule):
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # `target` is class indices, or class probabilities after MixUp/CutMix.
-        return F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
+        return F.cross_entropy(
+            logits, target, weight=self.class_weight, label_smoothing=self.hparams.label_smoothing
+        )
 
     def on_train_epoch_start(self) -> None:
-        # Reseed per epoch (augmentation, dropout, mixup): a resumed run repeats the uninterrupted one.
+        # Reseed per epoch (augmentation, shuffling of workers): resumed runs repeat the uninterrupted one.
         L.seed_everything(self.hparams.seed + self.current_epoch, workers=True, verbose=False)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Dropout and MixUp draw from a seed per optimizer step, so a resume replays them exactly.
+        torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

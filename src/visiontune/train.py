@@ -51,6 +51,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     ]
     if cb.lr_monitor and (cfg.logger.csv or cfg.logger.tensorboard):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cb.get("ema"):
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        # Validation, test and the checkpoints use the averaged weights.
+        callbacks.append(EMAWeightAveraging(**plain(cb.ema)))
     if cb.get("early_stopping"):
         from lightning.pytorch.callbacks import EarlyStopping
 
@@ -91,6 +96,7 @@ def train(cfg: DictConfig) -> float:
         data=plain(cfg.data),
         augment=plain(cfg.augment),
         seed=cfg.seed,
+        class_weights=weights.tolist() if (weights := datamodule.class_weights()) is not None else None,
     )
     model.mix = batch_mix(plain(cfg.augment), datamodule.num_classes)
     callbacks = build_callbacks(cfg, run_dir)
@@ -113,6 +119,7 @@ def train(cfg: DictConfig) -> float:
     log.info("run dir: %s", run_dir)
     log.info("data: %s, image size %d, augment=%s", datamodule.name, datamodule.image_size, cfg.augment.name)
 
+    suggestion = find_lr(trainer, model, datamodule, cfg, run_dir) if cfg.tune.lr_find else None
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_time = time.perf_counter() - start
@@ -136,11 +143,42 @@ def train(cfg: DictConfig) -> float:
         images_per_s=round(len(datamodule.train_set) * trainer.current_epoch / max(train_time, 1e-9), 1),
         **strategy.start_counts,
         best_ckpt=checkpoint.best_model_path,
+        lr=model.lr,
     )
+    if suggestion is not None:
+        metrics["lr_find/suggestion"] = suggestion
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         print_summary(metrics, run_dir)
     return metrics.get(cfg.optimized_metric, float("nan"))
+
+
+def find_lr(trainer: L.Trainer, model: ImageClassifier, datamodule, cfg: DictConfig, run_dir: Path) -> float:
+    """Lightning's LR range test; its suggestion becomes optimizer.lr, the plot goes to lr_find.png."""
+    from lightning.pytorch.tuner import Tuner
+
+    finder = Tuner(trainer).lr_find(
+        model,
+        datamodule=datamodule,
+        min_lr=cfg.tune.min_lr,
+        max_lr=cfg.tune.max_lr,
+        num_training=cfg.tune.num_training,
+        attr_name="lr",
+        update_attr=True,
+        early_stop_threshold=None,
+    )
+    suggestion = finder.suggestion() if finder is not None else None
+    if suggestion is None:
+        raise UserError(
+            "the LR finder found no suggestion; raise tune.num_training or set optimizer.lr yourself"
+        )
+    if trainer.is_global_zero:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        finder.plot(suggest=True).savefig(run_dir / "lr_find.png")
+    log.info("LR finder suggests optimizer.lr=%.3g (plot: %s)", suggestion, run_dir / "lr_find.png")
+    return float(suggestion)
 
 
 def print_summary(metrics: dict, run_dir: Path) -> None:
