@@ -465,9 +465,10 @@ class ImageDataModule(L.LightningDataModule):
             splits[split] = ([paths[i] for i in indices], [labels[i] for i in indices])
 
         if "val" not in splits:
-            paths, labels = splits["train"]
-            tr, va = stratified_split(np.asarray(labels), self.cfg.get("val_fraction", 0.1), self.seed)
-            splits["val"] = ([paths[i] for i in va], [labels[i] for i in va])
+            labels = np.asarray(splits["train"][1])
+            tr, va = stratified_split(labels, self.cfg.get("val_fraction", 0.1), self.seed)
+            splits["val"] = splits["train"]
+            take("val", va)
             take("train", tr)
         for offset, split in enumerate(("train", "val")):
             take(split, self._subset(self.cfg.get(f"{split}_subset"), np.asarray(splits[split][1]), offset))
@@ -503,10 +504,12 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=False,
         )
 
-    def class_counts(self) -> np.ndarray:
+    def train_labels(self) -> np.ndarray:
         labels = self.train_set.labels
-        labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-        return np.bincount(labels, minlength=self.num_classes)
+        return labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.train_labels(), minlength=self.num_classes)
 
     def class_weights(self) -> torch.Tensor | None:
         """Inverse-frequency class weights with mean 1 (for the loss) when data.balance=loss_weights.
@@ -523,9 +526,7 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         weights = None
         if self.balance == "sampler":  # each class drawn equally often, with replacement
-            labels = self.train_set.labels
-            labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-            weights = 1.0 / np.maximum(self.class_counts()[labels], 1)
+            weights = 1.0 / np.maximum(self.class_counts()[self.train_labels()], 1)
         sampler = EpochShuffleSampler(len(self.train_set), self.seed, weights)
         return self._loader(self.train_set, shuffle=True, sampler=sampler)
 

@@ -108,10 +108,11 @@ class FinetuneStrategy(L.Callback):
                 p.requires_grad_(self.soft or not is_frozen or trainable_bn)
             if is_frozen and not self.train_bn:
                 self._frozen_bn += [m for m in modules if isinstance(m, _BatchNorm)]
-        if bn:
+        if bn and pl_module.training:
+            frozen_bn = {id(m) for m in self._frozen_bn}
             for m in backbone.modules():
-                if isinstance(m, _BatchNorm) and pl_module.training:
-                    m.train(not any(m is f for f in self._frozen_bn))
+                if isinstance(m, _BatchNorm):
+                    m.train(id(m) not in frozen_bn)
         if frozen != self._applied:
             self._applied = frozen
             self._report(pl_module, epoch, frozen)
