@@ -86,3 +86,29 @@ def test_compile_with_an_unfreezing_strategy_is_refused(tiny_cfg):
                 "model.compile=true",
             )
         )
+
+
+def test_imagefolder_cli_run_completes(tmp_path):
+    """The issue's command line on a generated folder dataset (default backbone: pretrained Lite0)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for c, colour in (("red", 0), ("green", 1)):
+            folder = tmp_path / "ds" / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 60, (40, 48, 3), dtype=np.uint8)
+                pixels[..., colour] += 150
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    args = [
+        "data=imagefolder",
+        f"data.root={tmp_path / 'ds'}",
+        "trainer.max_epochs=1",
+        "callbacks.progress.refresh_rate=0",
+    ]
+    result = run("visiontune.train", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train_images"] == 22 and 0.0 <= metrics["test/acc"] <= 1.0
