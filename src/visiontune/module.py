@@ -17,7 +17,7 @@ from torch import nn
 
 from visiontune.backbones import create_backbone
 from visiontune.param_groups import build_param_groups
-from visiontune.schedules import lr_factor
+from visiontune.schedules import lr_factor, plateau_update
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ class ImageClassifier(L.LightningModule):
         # data.balance=loss_weights: inverse class frequencies (mean 1) weight the training loss
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weight", weights, persistent=False)
+        if self.scheduler_cfg.get("name") == "plateau":
+            # best val/acc, epochs without improvement, LR scale: saved with the weights, so resume keeps them
+            self.register_buffer("plateau_state", torch.tensor([-math.inf, 0.0, 1.0], dtype=torch.float64))
         if channels_last:
             self.to(memory_format=torch.channels_last)
         metric = lambda: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)  # noqa: E731
@@ -118,6 +121,29 @@ class ImageClassifier(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Dropout and MixUp draw from a seed per optimizer step, so a resume replays them exactly.
         torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+
+    def on_validation_end(self) -> None:
+        """scheduler=plateau: cut the LR by `factor` when val/acc stalls for more than `patience` epochs."""
+        if not hasattr(self, "plateau_state") or self.trainer.sanity_checking:
+            return
+        value = self.trainer.callback_metrics.get("val/acc")
+        if value is None:
+            return
+        cfg = self.scheduler_cfg
+        best, bad, scale = self.plateau_state.tolist()
+        best, bad, mult = plateau_update(
+            best,
+            int(bad),
+            float(value),
+            cfg.get("patience", 2),
+            cfg.get("factor", 0.1),
+            cfg.get("threshold", 1e-4),
+        )
+        if mult != 1.0:
+            log.info("val/acc stalled at %.4f: LR scale %.3g -> %.3g", best, scale, scale * mult)
+            for group in self.trainer.optimizers[0].param_groups:  # now, not at the next scheduler step
+                group["lr"] *= mult
+        self.plateau_state.copy_(torch.tensor([best, bad, scale * mult], dtype=torch.float64))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -178,6 +204,7 @@ class ImageClassifier(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, math.ceil(total / max(1, self.trainer.max_epochs or 1)))
         warmup = int(sched.pop("warmup_steps", 0) or 0) + int(sched.pop("warmup_epochs", 0) * steps_per_epoch)
+        plateau = {k: sched.pop(k) for k in ("patience", "factor", "threshold") if k in sched}
         strategy = self.finetune_strategy()
 
         def factor_for(group_index: int):
@@ -186,6 +213,8 @@ class ImageClassifier(L.LightningModule):
                 f = lr_factor(step, name, total, steps_per_epoch, warmup_steps=warmup, **sched)
                 if strategy is not None:
                     f *= strategy.lr_gate(group_index, step, steps_per_epoch)
+                if plateau:
+                    f *= float(self.plateau_state[2])
                 return f
 
             return factor

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("none", "step", "cosine", "onecycle")
+SCHEDULES = ("none", "step", "cosine", "onecycle", "plateau")
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -36,7 +36,7 @@ def lr_factor(
     final_div_factor: float = 1e4,
 ) -> float:
     """Multiplier of the base LR at optimizer step `step` (0-based)."""
-    if name == "none":
+    if name in ("none", "plateau"):  # plateau's reductions are a separate scale (plateau_update)
         return warmup_factor(step, warmup_steps)
     if name == "step":  # StepLR in epochs, e.g. x0.1 every 7 epochs
         return warmup_factor(step, warmup_steps) * gamma ** ((step // steps_per_epoch) // step_size)
@@ -50,3 +50,19 @@ def lr_factor(
             return start + (1.0 - start) * (1.0 - cosine(step / up))
         return end + (1.0 - end) * cosine((step - up) / max(1, total_steps - up))
     raise ValueError(f"unknown schedule '{name}'; choose one of {', '.join(SCHEDULES)}")
+
+
+def plateau_update(
+    best: float, bad_epochs: int, value: float, patience: int, factor: float, threshold: float = 1e-4
+) -> tuple[float, int, float]:
+    """ReduceLROnPlateau for a metric to maximise: (new best, epochs without improvement, LR multiplier).
+
+    The multiplier is `factor` once more than `patience` epochs went by without an improvement of at
+    least `threshold`, else 1.
+    """
+    if value > best + threshold:
+        return value, 0, 1.0
+    bad_epochs += 1
+    if bad_epochs > patience:
+        return best, 0, factor
+    return best, bad_epochs, 1.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,13 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    OnExceptionCheckpoint,
+    RichProgressBar,
+)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,6 +42,22 @@ def plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to `<name>.tmp`, then rename it over the old one.
+
+    A crash (or a full disk) while saving leaves the previous `last.ckpt` whole, never half-written.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):  # remote file systems: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     cb = cfg.callbacks
     callbacks: list[L.Callback] = [
@@ -47,9 +70,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
             save_last=True,
             auto_insert_metric_name=False,
         ),
+        # an exception mid-epoch also saves checkpoints/on_exception.ckpt (last.ckpt stays as it was)
+        OnExceptionCheckpoint(dirpath=run_dir / "checkpoints", filename="on_exception"),
         RichProgressBar(refresh_rate=cb.progress.refresh_rate, leave=True),
     ]
-    if cb.lr_monitor and (cfg.logger.csv or cfg.logger.tensorboard):
+    if cb.lr_monitor and any(cfg.logger.values()):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cb.get("ema"):
         from lightning.pytorch.callbacks import EMAWeightAveraging
@@ -69,6 +94,18 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         loggers.append(CSVLogger(run_dir, name="csv", version=""))
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False))
+    if cfg.logger.get("mlflow"):
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        mlflow = plain(cfg.logger.mlflow)
+        if not mlflow.get("tracking_uri"):  # a local file store in the run dir, no server needed
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow["tracking_uri"] = (run_dir / "mlruns").resolve().as_uri()
+        loggers.append(MLFlowLogger(**mlflow))
+    if cfg.logger.get("wandb"):
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(save_dir=str(run_dir), **plain(cfg.logger.wandb)))
     return loggers
 
 
@@ -114,6 +151,7 @@ def train(cfg: DictConfig) -> float:
         default_root_dir=run_dir,
         callbacks=callbacks,
         logger=build_loggers(cfg, run_dir) or False,
+        plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
     )
     log.info("run dir: %s", run_dir)
@@ -121,7 +159,11 @@ def train(cfg: DictConfig) -> float:
 
     suggestion = find_lr(trainer, model, datamodule, cfg, run_dir) if cfg.tune.lr_find else None
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except Exception:
+        log.error("training crashed; continue with ckpt_path=%s", run_dir / "checkpoints" / "last.ckpt")
+        raise
     train_time = time.perf_counter() - start
     if trainer.interrupted:
         raise UserError(
