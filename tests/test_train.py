@@ -74,6 +74,12 @@ def test_linear_probe_run_counts_frozen_parameters(tiny_cfg, tmp_path):
     assert metrics["frozen_params"] > 11_000_000
 
 
+def test_counts_are_taken_at_fit_start_not_after_unfreezing(tiny_cfg, tmp_path):
+    train(tiny_cfg("model.backbone=resnet18", "model.pretrained=false", "finetune=freeze_unfreeze", "trainer.max_epochs=2"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["trainable_params"] == 512 * 10 + 10
+
+
 def test_compile_with_an_unfreezing_strategy_is_refused(tiny_cfg):
     from visiontune.errors import UserError
 

@@ -71,6 +71,8 @@ class FinetuneStrategy(L.Callback):
 
     # -- applying it
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":  # testing after fit must not redo the freeze (nor overwrite start_counts)
+            return
         self.num_groups = len(pl_module.backbone.groups)
         soft = not isinstance(trainer.strategy, SingleDeviceStrategy)
         self.soft = soft if self.soft_freeze == "auto" else bool(self.soft_freeze)
