@@ -219,3 +219,31 @@ def test_mlflow_and_wandb_log_offline_into_the_run_dir(logger, tiny_cfg, tmp_pat
     else:  # offline mode: wandb/offline-run-*/run-*.wandb, ready for `wandb sync`
         runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_early_stopping_on_val_acc_ends_the_run(tiny_cfg, tmp_path):
+    stop = "callbacks.early_stopping={monitor: val/acc, mode: max, patience: 0, min_delta: 2.0}"
+    train(tiny_cfg("model.backbone=resnet18", "model.pretrained=false", "trainer.max_epochs=5", stop))
+    # epoch 0 sets the best; no epoch can beat it by 2.0, so patience 0 stops after epoch 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_bf16_autocast_and_channels_last_train_on_cpu(tiny_cfg, tmp_path):
+    train(
+        tiny_cfg(
+            "model.backbone=resnet18",
+            "model.pretrained=false",
+            "trainer.precision=bf16-mixed",
+            "model.channels_last=true",
+        )
+    )
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] == metrics["test/loss"]  # not NaN
+
+
+def test_a_reused_run_dir_starts_fresh_unless_ckpt_path_is_given(tiny_cfg, tmp_path):
+    """Only an explicit ckpt_path resumes: an old last.ckpt in the run dir is not picked up silently."""
+    cfg = tiny_cfg("model.backbone=resnet18", "model.pretrained=false")
+    train(cfg)
+    train(cfg)  # same run dir: a silent resume would find epoch 1 done and skip training
+    assert "train/loss" in json.loads((tmp_path / "metrics.json").read_text())

@@ -17,12 +17,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import (
-    LearningRateMonitor,
-    ModelCheckpoint,
-    OnExceptionCheckpoint,
-    RichProgressBar,
-)
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -58,6 +53,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+class SaveOnException(L.Callback):
+    """On an exception mid-run, save `on_exception.ckpt` beside `last.ckpt` (which stays as it was).
+
+    Lightning's own OnExceptionCheckpoint also makes every `fit(ckpt_path=None)` resume from
+    `last.ckpt` when one exists, which would silently continue an old run in a reused run dir.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        trainer.save_checkpoint(self.path)
+
+
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     cb = cfg.callbacks
     callbacks: list[L.Callback] = [
@@ -71,7 +82,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
             auto_insert_metric_name=False,
         ),
         # an exception mid-epoch also saves checkpoints/on_exception.ckpt (last.ckpt stays as it was)
-        OnExceptionCheckpoint(dirpath=run_dir / "checkpoints", filename="on_exception"),
+        SaveOnException(run_dir / "checkpoints" / "on_exception.ckpt"),
         RichProgressBar(refresh_rate=cb.progress.refresh_rate, leave=True),
     ]
     if cb.lr_monitor and any(cfg.logger.values()):
