@@ -14,16 +14,30 @@ CONF = Path(CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GROUPS = {
     g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))
-    for g in ("data", "model", "finetune", "optimizer", "scheduler", "augment", "trainer", "logger")
+    for g in (
+        "data",
+        "model",
+        "finetune",
+        "optimizer",
+        "scheduler",
+        "augment",
+        "trainer",
+        "logger",
+        "debug",
+        "hparams_search",
+    )
 }
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes(group, option, tmp_path):
-    overrides = [f"{group}={option}"] + (["data.root=/x"] if option == "imagefolder" else [])
+    overrides = [f"{group}={option}"] + (["data.root=/x"] if option in ("imagefolder", "csv") else [])
     cfg = compose_cfg(overrides, tmp_path)
     OmegaConf.resolve(cfg)
-    assert cfg[group] is not None
+    if group in ("debug", "hparams_search"):  # @package _global_ overlays
+        assert cfg.trainer.max_epochs >= 1 and cfg.optimized_metric == "val/acc"
+    else:
+        assert cfg[group] is not None
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -359,3 +359,11 @@ def test_balanced_sampler_oversamples_the_minority_class(tmp_path):
     first = list(sampler)
     sampler.set_epoch(1)
     assert list(sampler) == first, "the draw is a function of (seed, epoch): resume is exact"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (30, 10), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_image(tmp_path / "rotated.jpg").size == (10, 30)
