@@ -75,7 +75,14 @@ def test_linear_probe_run_counts_frozen_parameters(tiny_cfg, tmp_path):
 
 
 def test_counts_are_taken_at_fit_start_not_after_unfreezing(tiny_cfg, tmp_path):
-    train(tiny_cfg("model.backbone=resnet18", "model.pretrained=false", "finetune=freeze_unfreeze", "trainer.max_epochs=2"))
+    train(
+        tiny_cfg(
+            "model.backbone=resnet18",
+            "model.pretrained=false",
+            "finetune=freeze_unfreeze",
+            "trainer.max_epochs=2",
+        )
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["trainable_params"] == 512 * 10 + 10
 
