@@ -27,7 +27,8 @@ def main() -> None:
     rows = []
     for name, overrides in STRATEGIES.items():
         run_dir = out / name
-        cmd = [sys.executable, "-m", "visiontune.train", *overrides, *extra, f"hydra.run.dir={run_dir}"]
+        cmd = [sys.executable, "-m", "visiontune.train", "experiment=fashion_mnist_lite0", *overrides, *extra]
+        cmd += [f"hydra.run.dir={run_dir}", "restart=true"]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         m = json.loads((run_dir / "metrics.json").read_text())

@@ -10,7 +10,7 @@ PY=${PY:-.venv/bin/python}
 out=outputs/gpu_check
 mkdir -p "$out"
 for precision in bf16-mixed 16-mixed 32; do
-  "$PY" -m visiontune.train trainer=gpu trainer.precision="$precision" data.batch_size=256 \
+  "$PY" -m visiontune.train experiment=fashion_mnist_lite0 restart=true trainer=gpu trainer.precision="$precision" data.batch_size=256 \
     data.num_workers=4 callbacks.progress.refresh_rate=50 hydra.run.dir="$out/$precision" "$@" \
     >"$out/$precision.log" 2>&1 || { echo "$precision: FAILED (see $out/$precision.log)"; continue; }
   "$PY" - "$out/$precision/metrics.json" "$precision" <<'PYEOF'
