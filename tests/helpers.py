@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from visiontune.backbones import backbone_data_config
+from visiontune.cli import CONF_DIR
 from visiontune.data import ImageDataModule
-from visiontune.finetune import create_strategy
+from visiontune.finetune import ApplyFreeze
 from visiontune.module import ImageClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tiny everything: small subsets, small images, random init.
+TINY = [
+    "data.train_subset=64",
+    "data.val_subset=32",
+    "data.test_subset=32",
+    "data.image_size=32",
+    "data.batch_size=16",
+    "trainer.max_epochs=1",
+    "trainer.num_sanity_val_steps=0",
+    "callbacks.progress.refresh_rate=0",
+]
+
+
+def compose_cfg(overrides: list[str], output_dir: Path, config_name: str = "train"):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
 
 DATA = {
     "name": "fashion_mnist",
@@ -34,20 +61,20 @@ def make_run(
     data: dict | None = None,
     **trainer_kwargs,
 ):
-    """(trainer, model, datamodule, strategy) for a tiny run; nothing is fitted yet."""
+    """(trainer, model, datamodule, freeze callback) for a tiny run; nothing is fitted yet."""
     L.seed_everything(0, verbose=False)
     datamodule = ImageDataModule({**DATA, **(data or {})}, {"name": "none"}, backbone_data_config(backbone))
     model = ImageClassifier(
-        backbone=backbone,
-        pretrained=False,
+        model={"backbone": backbone, "pretrained": False},
         num_classes=10,
-        optimizer=optimizer or {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01},
-        scheduler=scheduler or {"name": "none"},
-        backbone_lr_mult=finetune.get("backbone_lr_mult", 1.0),
-        layer_decay=finetune.get("layer_decay", 1.0),
+        optim={
+            "optimizer": optimizer or {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01},
+            "scheduler": scheduler or {"name": "none"},
+            "finetune": finetune,
+        },
         data=datamodule.cfg,
     )
-    strategy = create_strategy(finetune)
+    strategy = ApplyFreeze()
     defaults = dict(
         accelerator="cpu",
         devices=1,
@@ -68,3 +95,42 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def changed(before: dict, after: dict, prefix: str = "") -> set[str]:
     return {k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])}
+
+
+FAST = [*TINY, "model.backbone=resnet18", "model.pretrained=false"]
+
+
+def run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+# -- after training (eval report, predict, export, serve): one tiny checkpoint and small image files
+def train_tiny_checkpoint(run_dir: Path) -> Path:
+    """Train the tiny resnet18 run (random init, 1 epoch, Fashion-MNIST subsets) into run_dir; its best.ckpt."""
+    from visiontune.train import train
+
+    train(compose_cfg([*TINY, "model.backbone=resnet18", "model.pretrained=false", "logger=csv"], run_dir))
+    return run_dir / "checkpoints" / "best.ckpt"
+
+
+def fashion_mnist_test_images(n: int, start: int = 0):
+    """n (28x28 uint8 array, label) pairs from the Fashion-MNIST test set."""
+    from visiontune.data.standard import load_standard
+
+    x, y = load_standard("fashion_mnist", Path("data"), train=False)
+    return [(x[i, 0].numpy(), int(y[i])) for i in range(start, start + n)]
+
+
+def write_images(folder: Path, n: int, suffix: str = ".png", start: int = 0) -> list[Path]:
+    """n Fashion-MNIST test images as files in folder (PNG or JPEG by suffix)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (array, label) in enumerate(fashion_mnist_test_images(n, start)):
+        path = folder / f"img{start + i:04d}_{label}{suffix}"
+        Image.fromarray(array).save(path)
+        paths.append(path)
+    return paths

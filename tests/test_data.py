@@ -10,6 +10,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from helpers import compose_cfg
+
+from visiontune.cli import CONF_DIR
 from visiontune.data import (
     EpochShuffleSampler,
     ImageDataModule,
@@ -19,7 +22,6 @@ from visiontune.data import (
     stratified_subset,
 )
 from visiontune.errors import UserError
-from visiontune.train import CONF_DIR
 from visiontune.transforms import (
     COMMON_KEYS,
     PRESET_KEYS,
@@ -165,7 +167,7 @@ def test_imagefolder_datamodule_splits_and_tests_on_val(tmp_path):
     with pytest.warns(UserWarning, match="skipping 1 bad files"):
         dm.setup("fit")
     assert dm.num_classes == 2 and len(dm.train_set) == 16 and len(dm.val_set) == 4
-    assert dm.test_set is dm.val_set or len(dm.test_set) == 4
+    assert dm.test_set.paths == dm.val_set.paths  # no test/ folder: the run tests on val
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and y.dtype == torch.int64
 
@@ -197,10 +199,11 @@ def test_every_preset_has_a_config():
 
 
 @pytest.mark.parametrize("conf", AUGMENT_CONFS, ids=lambda p: p.stem)
-def test_augment_config_keys_are_the_presets_own(conf):
+def test_augment_config_keys_are_the_presets_own(conf, tmp_path):
     assert conf.read_text().startswith("# "), "one-line comment first"
-    augment = OmegaConf.to_container(OmegaConf.load(conf))
+    augment = OmegaConf.to_container(compose_cfg([f"augment={conf.stem}"], tmp_path).augment)
     name = augment["name"]
+    assert name == conf.stem
     assert set(COMMON_KEYS) <= set(augment)
     assert set(augment) == {*COMMON_KEYS, *PRESET_KEYS[name]}
     out = train_transform(augment, 32, (0.5,) * 3, (0.5,) * 3, "bilinear", 0.875)(

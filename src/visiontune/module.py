@@ -16,7 +16,8 @@ import torchmetrics
 from torch import nn
 
 from visiontune.backbones import create_backbone
-from visiontune.param_groups import build_param_groups
+from visiontune.finetune import create_schedule
+from visiontune.param_groups import build_param_groups, describe_lrs
 from visiontune.schedules import lr_factor, plateau_update
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ def make_head(
     return nn.Sequential(*layers)
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
 def make_optimizer(cfg: dict, groups: list[dict]) -> torch.optim.Optimizer:
     name = cfg["name"]
     if name == "sgd":
@@ -44,51 +48,57 @@ def make_optimizer(cfg: dict, groups: list[dict]) -> torch.optim.Optimizer:
         return torch.optim.Adam(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))))
     if name == "adamw":  # decoupled weight decay
         return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))))
-    raise ValueError(f"unknown optimizer '{name}'; choose sgd, adam or adamw")
-
-
-def describe_lrs(optimizer: torch.optim.Optimizer) -> str:
-    """Each group's current LR (the no-decay twins share their group's LR and are left out)."""
-    groups = enumerate(optimizer.param_groups)
-    return ", ".join(
-        f"{g.get('name', i)}={g['lr']:.3g}" for i, g in groups if not str(g.get("name")).endswith("no_decay")
-    )
+    raise ValueError(f"unknown optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}")
 
 
 class ImageClassifier(L.LightningModule):
+    """A pretrained backbone (top removed) and a new head, with its loss, metrics and optimizer.
+
+    Arguments come in groups, as the config does: `model` (backbone, pretrained, head, label_smoothing,
+    channels_last), `optim` (the optimizer, scheduler and finetune config groups), `data` (kept so
+    that eval, predict and export rebuild the same preprocessing), `monitor` (the checkpoint's metric
+    and mode, which scheduler=plateau follows). `class_names` are checked by eval and resume.
+    `temperature` scales the logits of `predict_proba` (set by calibration).
+    """
+
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
-        pretrained: bool = True,
-        num_classes: int = 10,
+        model: dict,
+        num_classes: int,
         class_names: list[str] | None = None,
-        head_dropout: float = 0.0,
-        head_hidden: int | None = None,
-        label_smoothing: float = 0.0,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
-        backbone_lr_mult: float = 1.0,
-        layer_decay: float = 1.0,
-        channels_last: bool = False,
+        optim: dict | None = None,
         data: dict | None = None,
-        augment: dict | None = None,
+        monitor: dict | None = None,
         seed: int = 0,
         class_weights: list[float] | None = None,
+        temperature: float = 1.0,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = create_backbone(backbone, pretrained)
-        self.head = make_head(self.backbone.num_features, num_classes, head_dropout, head_hidden)
-        self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
-        self.scheduler_cfg = dict(scheduler or {"name": "none"})
-        self.mix = None  # batch-level MixUp/CutMix, set by train()
+        head = model.get("head") or {}
+        self.backbone = create_backbone(model["backbone"], model.get("pretrained", True))
+        self.head = make_head(
+            self.backbone.num_features, num_classes, head.get("dropout", 0.0), head.get("hidden")
+        )
+        optim = optim or {}
+        self.optimizer_cfg = dict(
+            optim.get("optimizer") or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}
+        )
+        self.scheduler_cfg = dict(optim.get("scheduler") or {"name": "none"})
+        self.freeze_schedule = create_schedule(
+            optim.get("finetune") or {"name": "full"}, [g.name for g in self.backbone.groups]
+        )
+        self.label_smoothing = float(model.get("label_smoothing", 0.0))
+        self.channels_last = bool(model.get("channels_last", False))
+        self.monitor = dict(monitor or {"monitor": "val/acc", "mode": "max"})
+        self.mix = None  # batch-level MixUp/CutMix, set by build_model
         # data.balance=loss_weights: inverse class frequencies (mean 1) weight the training loss
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weight", weights, persistent=False)
         if self.scheduler_cfg.get("name") == "plateau":
-            # best val/acc, epochs without improvement, LR scale: saved with the weights, so resume keeps them
+            # best monitored value, epochs without improvement, LR scale: saved with the weights
             self.register_buffer("plateau_state", torch.tensor([-math.inf, 0.0, 1.0], dtype=torch.float64))
-        if channels_last:
+        if self.channels_last:
             self.to(memory_format=torch.channels_last)
         metric = lambda: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)  # noqa: E731
         self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
@@ -104,15 +114,17 @@ class ImageClassifier(L.LightningModule):
         self.hparams.optimizer = dict(self.optimizer_cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(x))
 
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities, with the calibrated temperature applied."""
+        return (self(x) / self.hparams.temperature).softmax(-1)
+
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # `target` is class indices, or class probabilities after MixUp/CutMix.
-        return F.cross_entropy(
-            logits, target, weight=self.class_weight, label_smoothing=self.hparams.label_smoothing
-        )
+        return F.cross_entropy(logits, target, weight=self.class_weight, label_smoothing=self.label_smoothing)
 
     def on_train_epoch_start(self) -> None:
         # Reseed per epoch (augmentation, shuffling of workers): resumed runs repeat the uninterrupted one.
@@ -123,29 +135,33 @@ class ImageClassifier(L.LightningModule):
         torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
 
     def on_validation_end(self) -> None:
-        """scheduler=plateau: cut the LR by `factor` when val/acc stalls for more than `patience` epochs."""
+        """scheduler=plateau: cut the LR by `factor` when the monitor stalls for more than `patience` epochs."""
         if not hasattr(self, "plateau_state") or self.trainer.sanity_checking:
             return
-        value = self.trainer.callback_metrics.get("val/acc")
+        name = self.monitor["monitor"]
+        value = self.trainer.callback_metrics.get(name)
         if value is None:
             return
+        sign = 1.0 if self.monitor.get("mode", "max") == "max" else -1.0  # plateau_update maximises
         cfg = self.scheduler_cfg
         best, bad, scale = self.plateau_state.tolist()
         best, bad, mult = plateau_update(
             best,
             int(bad),
-            float(value),
+            sign * float(value),
             cfg.get("patience", 2),
             cfg.get("factor", 0.1),
             cfg.get("threshold", 1e-4),
         )
         if mult != 1.0:
-            log.info("val/acc stalled at %.4f: LR scale %.3g -> %.3g", best, scale, scale * mult)
+            log.info("%s stalled at %.4f: LR scale %.3g -> %.3g", name, sign * best, scale, scale * mult)
             for group in self.trainer.optimizers[0].param_groups:  # now, not at the next scheduler step
                 group["lr"] *= mult
         self.plateau_state.copy_(torch.tensor([best, bad, scale * mult], dtype=torch.float64))
 
     def training_step(self, batch, batch_idx):
+        if batch is None:  # every file of the batch was unreadable (warned when it was loaded)
+            return None
         x, y = batch
         target = y
         if self.mix is not None:
@@ -159,6 +175,8 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def _eval_step(self, batch, stage: str, metric: torchmetrics.Metric):
+        if batch is None:
+            return
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
@@ -186,15 +204,9 @@ class ImageClassifier(L.LightningModule):
             list(self.head.named_parameters()),
             lr=self.optimizer_cfg["lr"],
             weight_decay=self.optimizer_cfg.get("weight_decay", 0.0),
-            backbone_lr_mult=self.hparams.backbone_lr_mult,
-            layer_decay=self.hparams.layer_decay,
+            backbone_lr_mult=self.freeze_schedule.backbone_lr_mult,
+            layer_decay=self.freeze_schedule.layer_decay,
         )
-
-    def finetune_strategy(self):
-        from visiontune.finetune import FinetuneStrategy
-
-        callbacks = self.trainer.callbacks if self._trainer is not None else []
-        return next((c for c in callbacks if isinstance(c, FinetuneStrategy)), None)
 
     def configure_optimizers(self):
         groups = self.param_groups()
@@ -205,14 +217,13 @@ class ImageClassifier(L.LightningModule):
         steps_per_epoch = max(1, math.ceil(total / max(1, self.trainer.max_epochs or 1)))
         warmup = int(sched.pop("warmup_steps", 0) or 0) + int(sched.pop("warmup_epochs", 0) * steps_per_epoch)
         plateau = {k: sched.pop(k) for k in ("patience", "factor", "threshold") if k in sched}
-        strategy = self.finetune_strategy()
+        strategy = self.freeze_schedule
 
         def factor_for(group_index: int):
             # Plain closures: LambdaLR does not pickle functions into the checkpoint.
             def factor(step: int) -> float:
                 f = lr_factor(step, name, total, steps_per_epoch, warmup_steps=warmup, **sched)
-                if strategy is not None:
-                    f *= strategy.lr_gate(group_index, step, steps_per_epoch)
+                f *= strategy.lr_gate(group_index, step, steps_per_epoch)
                 if plateau:
                     f *= float(self.plateau_state[2])
                 return f

@@ -1,13 +1,14 @@
 """Optimizer parameter groups: pure functions, testable without a Trainer.
 
-Every group exists from step 0, frozen ones included (DESIGN rule 1): freezing only flips
-`requires_grad`, so schedulers and optimizer state always see the same groups.
+Every group exists from step 0, frozen ones included: freezing only flips `requires_grad`, so
+schedulers and optimizer state always see the same groups (docs/architecture.md, "Invariants").
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 
@@ -57,3 +58,11 @@ def build_param_groups(
         )
     groups += _split_decay(head, weight_decay, {"name": "head", "lr": lr, "group_index": -1})
     return groups
+
+
+def describe_lrs(optimizer: torch.optim.Optimizer) -> str:
+    """Each group's current LR (the no-decay twins share their group's LR and are left out)."""
+    groups = enumerate(optimizer.param_groups)
+    return ", ".join(
+        f"{g.get('name', i)}={g['lr']:.3g}" for i, g in groups if not str(g.get("name")).endswith("no_decay")
+    )

@@ -1,6 +1,6 @@
 """`visiontune-augment-preview [overrides] [--n N] [--out PATH]`: look at what the model will see.
 
-Composes `conf/train.yaml` with the same overrides as a training run, builds the ImageDataModule
+Composes the train config with the same overrides as a training run, builds the ImageDataModule
 exactly as `train()` does, and writes a PNG grid of N augmented training samples (batch-level MixUp /
 CutMix included), un-normalised back to pixels.
 """
@@ -8,11 +8,11 @@ CutMix included), un-normalised back to pixels.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
+from visiontune.cli import fail
 from visiontune.errors import UserError
 
 GRID_COLUMNS = 8
@@ -24,9 +24,8 @@ def preview(overrides: list[str], n: int, out: Path) -> Path:
     from hydra.core.global_hydra import GlobalHydra
     from torchvision.utils import make_grid, save_image
 
-    from visiontune.backbones import backbone_data_config
-    from visiontune.data import ImageDataModule
-    from visiontune.train import CONF_DIR, plain
+    from visiontune.build import build_datamodule
+    from visiontune.cli import CONF_DIR, plain
     from visiontune.transforms import batch_mix
 
     if n < 1:
@@ -34,9 +33,7 @@ def preview(overrides: list[str], n: int, out: Path) -> Path:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    datamodule = ImageDataModule(
-        plain(cfg.data), plain(cfg.augment), backbone_data_config(cfg.model.backbone), seed=cfg.seed
-    )
+    datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     dataset = datamodule.train_set
     torch.manual_seed(cfg.seed)
@@ -70,9 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         path = preview(overrides, args.n, args.out)
     except (UserError, HydraException, OmegaConfBaseException) as exc:
-        message = " ".join(str(exc).split())
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        fail(exc)
     print(path)
 
 

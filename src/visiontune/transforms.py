@@ -2,7 +2,7 @@
 
 Eval: resize + centre crop (`crop_pct`), or a plain resize when `crop_pct` is 1 (small source images
 such as 28 px Fashion-MNIST must not lose their border). Train with `augment=none` is the eval
-transform exactly (DESIGN rule 7): a scale mismatch between train and eval costs points.
+transform exactly: a scale mismatch between train and eval costs points (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from visiontune.errors import UserError
 PRESET_KEYS = {
     "none": (),
     "flip": ("hflip",),
+    "mixup": ("hflip",),  # flip, plus MixUp on each batch (mixup_alpha)
+    "cutmix": ("hflip",),  # flip, plus CutMix on each batch (cutmix_alpha)
     "basic": ("scale", "hflip"),
     "affine": ("hflip", "degrees", "translate", "affine_scale"),
     "color": ("hflip", "jitter", "hue", "grayscale_p"),
@@ -82,7 +84,7 @@ def train_transform(augment: dict, size: int, mean, std, interpolation: str, cro
     after: list = []
     if name == "none":
         middle = resize
-    elif name == "flip":
+    elif name in ("flip", "mixup", "cutmix"):  # the mixes happen on whole batches (batch_mix)
         middle = resize + flip
     elif name == "basic":
         middle = rrc + flip

@@ -1,0 +1,91 @@
+"""The one place that turns a config (or a checkpoint) into a DataModule and a model.
+
+train, eval, preview and every command after training (predict, export, serve, ...) build through
+these functions, so a checkpoint is always rebuilt exactly the way it was trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from visiontune.backbones import backbone_data_config
+from visiontune.checkpoints import load_checkpoint
+from visiontune.cli import plain
+from visiontune.data import ImageDataModule
+from visiontune.errors import UserError
+from visiontune.module import ImageClassifier
+from visiontune.transforms import batch_mix, eval_transform
+
+NO_AUGMENT = {"name": "none"}
+
+
+def build_datamodule(cfg: DictConfig) -> ImageDataModule:
+    """The run's data, with transforms from the backbone's pretrained config."""
+    return ImageDataModule(
+        plain(cfg.data), plain(cfg.augment), backbone_data_config(cfg.model.backbone), seed=cfg.seed
+    )
+
+
+def build_model(cfg: DictConfig, datamodule: ImageDataModule) -> ImageClassifier:
+    """A fresh ImageClassifier for the run `cfg` describes, sized to the data's classes."""
+    weights = datamodule.class_weights()
+    model = ImageClassifier(
+        model={k: v for k, v in plain(cfg.model).items() if k != "compile"},
+        num_classes=datamodule.num_classes,
+        class_names=list(datamodule.classes),
+        optim={
+            "optimizer": plain(cfg.optimizer),
+            "scheduler": plain(cfg.scheduler),
+            "finetune": plain(cfg.finetune),
+        },
+        data=plain(cfg.data),
+        monitor=plain(cfg.callbacks.checkpoint),
+        seed=cfg.seed,
+        class_weights=weights.tolist() if weights is not None else None,
+    )
+    model.mix = batch_mix(plain(cfg.augment), datamodule.num_classes)
+    return model
+
+
+def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
+    """Rebuild a trained model from its checkpoint alone, in eval mode.
+
+    The backbone is built with random init and then takes the checkpoint's weights, so nothing is
+    downloaded and a `file:` backbone does not need its original weights file.
+    """
+    checkpoint = load_checkpoint(ckpt_path)
+    hparams = dict(checkpoint["hyper_parameters"])
+    hparams["model"] = {**hparams["model"], "pretrained": False}
+    model = ImageClassifier(**hparams)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:
+        raise UserError(
+            f"{ckpt_path}: the weights do not fit the model it describes ({str(exc).splitlines()[0]})"
+        ) from None
+    return model.eval()
+
+
+def checkpoint_datamodule(model: ImageClassifier, patch: dict | None = None) -> ImageDataModule:
+    """The data a checkpoint was trained on (with `patch` over its data config), without augmentation."""
+    data = {**model.hparams.data, **(patch or {})}
+    return ImageDataModule(
+        data, NO_AUGMENT, backbone_data_config(model.hparams.model["backbone"]), seed=model.hparams.seed
+    )
+
+
+def checkpoint_eval_transform(model: ImageClassifier):
+    """The eval transform (PIL image or uint8 tensor -> normalised float tensor) of a trained model."""
+    return checkpoint_datamodule(model).eval_transform()
+
+
+__all__ = [
+    "build_datamodule",
+    "build_model",
+    "checkpoint_datamodule",
+    "checkpoint_eval_transform",
+    "eval_transform",
+    "load_classifier",
+]

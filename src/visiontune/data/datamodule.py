@@ -1,0 +1,286 @@
+"""ImageDataModule: datasets, seeded stratified splits, loaders. It owns the transforms.
+
+Standard datasets (Fashion-MNIST, MNIST, CIFAR) are held in memory as uint8 tensors and transformed
+per sample in the main process: on 2 cores a worker process would only compete with the model.
+Image folders and CSV lists are decoded with PIL in worker processes, with bad files found and
+skipped (or, with `data.strict=true`, refused) at setup.
+
+File datasets (`data.root`):
+- `imagefolder`: `root/train/<class>/*`, optional `root/val/<class>/*` and `root/test/<class>/*`.
+- `csv`: a CSV file of `path,label` lines (the training list), or a folder holding `train.csv` and
+  optional `val.csv` / `test.csv`. Paths are relative to the CSV's folder; the first line is a header
+  when its path cell has no file extension (`path,label`, `filename,class`, ...).
+Classes are the sorted names found in train. Without a val split, a seeded stratified `val_fraction`
+of train becomes val; without a test split, the run tests on val.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from visiontune.data.files import (
+    SPLITS,
+    FileImageDataset,
+    collate_skip_none,
+    csv_files,
+    read_csv_list,
+    scan_csv,
+    scan_folder,
+)
+from visiontune.data.splits import stratified_fold, stratified_split, stratified_subset
+from visiontune.data.standard import STANDARD, TensorImageDataset, load_standard, standard_classes
+from visiontune.errors import UserError
+from visiontune.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+BALANCE = ("none", "sampler", "loss_weights")
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A permutation drawn from (seed, epoch): a resumed run sees exactly the uninterrupted order.
+
+    With `weights`, `n` indices drawn with replacement in proportion to them (class-balanced sampling),
+    still a function of (seed, epoch). Lightning calls `set_epoch` at every epoch start (and wraps this
+    for DDP). `skip` drops the first indices of the next pass only: a run resumed mid-epoch continues
+    where the interrupted one stopped.
+    """
+
+    def __init__(self, n: int, seed: int, weights=None):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=gen).tolist()
+        else:
+            order = torch.randperm(self.n, generator=gen).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Datasets and loaders for one run. `data_config` is the backbone's pretrained preprocessing."""
+
+    def __init__(self, data: dict, augment: dict, data_config: dict, seed: int = 0):
+        super().__init__()
+        self.cfg = dict(data)
+        self.augment = dict(augment)
+        self.seed = seed
+        self.name = self.cfg["name"]
+        self.root = Path(os.path.expanduser(str(self.cfg["root"])))
+        size = self.cfg.get("image_size") or data_config["input_size"][-1]
+        self.image_size = int(size)
+        self.mean = self.cfg.get("mean") or data_config["mean"]
+        self.std = self.cfg.get("std") or data_config["std"]
+        self.interpolation = self.cfg.get("interpolation") or data_config["interpolation"]
+        crop = self.cfg.get("crop_pct")
+        self.crop_pct = float(crop if crop is not None else data_config["crop_pct"])
+        self._classes: list[str] | None = None
+        self.train_set = self.val_set = self.test_set = None
+        self.balance = self.cfg.get("balance") or "none"
+        if self.balance not in BALANCE:
+            raise UserError(f"data.balance={self.balance} is unknown; choose one of {', '.join(BALANCE)}")
+        if self.name == "imagefolder" and self.root.is_file():
+            raise UserError(
+                f"data.root {self.root} is a file; data=imagefolder needs a folder with train/<class>/ "
+                "(for a CSV list use data=csv)"
+            )
+        folds, fold = self.cfg.get("folds"), self.cfg.get("fold") or 0
+        if folds is not None and (int(folds) < 2 or not 0 <= int(fold) < int(folds)):
+            raise UserError(f"data.folds={folds} data.fold={fold}: need folds >= 2 and 0 <= fold < folds")
+        if self.name == "imagefolder" and not self.root.is_dir():
+            raise UserError(
+                f"data.root {self.root} does not exist. Fix: data.root=/path/to/dataset (with train/<class>/)"
+            )
+        if self.name == "csv" and not self.root.exists():
+            raise UserError(
+                f"data.root {self.root} does not exist. Fix: data.root=/path/to/train.csv, or a folder "
+                "with train.csv (and optional val.csv, test.csv)"
+            )
+
+    # -- transforms
+    def eval_transform(self):
+        return eval_transform(self.image_size, self.mean, self.std, self.interpolation, self.crop_pct)
+
+    def train_transform(self):
+        return train_transform(
+            self.augment, self.image_size, self.mean, self.std, self.interpolation, self.crop_pct
+        )
+
+    @property
+    def classes(self) -> list[str]:
+        if self._classes is None:
+            if self.name in STANDARD:
+                self._classes = standard_classes(self.name)
+            elif self.name == "imagefolder":
+                train_dir = self.root / "train"
+                if not train_dir.is_dir():
+                    raise UserError(
+                        f"{self.root} has no train/ folder. Expected {self.root}/train/<class>/<images>"
+                    )
+                self._classes = sorted(
+                    d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
+                )
+                if not self._classes:
+                    raise UserError(
+                        f"{train_dir} has no class folders. Expected {train_dir}/<class>/<images>"
+                    )
+            elif self.name == "csv":
+                self._classes = sorted(set(read_csv_list(csv_files(self.root)["train"])[1]))
+            else:
+                raise UserError(
+                    f"unknown dataset '{self.name}'; choose fashion_mnist, mnist, cifar10, cifar100, "
+                    "imagefolder, csv"
+                )
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def prepare_data(self) -> None:
+        if self.name in STANDARD:
+            load_standard(self.name, self.root, train=False)  # downloads once, on rank 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None or (stage == "test" and self.test_set is not None):
+            return
+        if self.name in STANDARD:
+            self._setup_standard(stage)
+        else:
+            self._setup_folders(stage)
+        sizes = {
+            k: len(v)
+            for k, v in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set))
+            if v
+        }
+        log.info("data %s: %s images, %d classes", self.name, sizes, self.num_classes)
+
+    def _split_off_val(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) indices: fold `data.fold` of `data.folds`, or a `val_fraction` split."""
+        folds = self.cfg.get("folds")
+        if folds:
+            return stratified_fold(labels, int(folds), int(self.cfg.get("fold") or 0), self.seed)
+        return stratified_split(labels, self.cfg.get("val_fraction", 0.1), self.seed)
+
+    def _subset(self, n, labels, seed_offset):
+        return stratified_subset(labels, n, self.seed + seed_offset) if n else np.arange(len(labels))
+
+    def _setup_standard(self, stage):
+        x_test, y_test = load_standard(self.name, self.root, train=False)
+        keep = self._subset(self.cfg.get("test_subset"), y_test.numpy(), 2)
+        self.test_set = TensorImageDataset(x_test[keep], y_test[keep], self.eval_transform())
+        if stage == "test":
+            return
+        x, y = load_standard(self.name, self.root, train=True)
+        train_idx, val_idx = self._split_off_val(y.numpy())
+        val_idx = val_idx[self._subset(self.cfg.get("val_subset"), y[val_idx].numpy(), 1)]
+        train_idx = train_idx[self._subset(self.cfg.get("train_subset"), y[train_idx].numpy(), 0)]
+        self.train_set = TensorImageDataset(x[train_idx], y[train_idx], self.train_transform())
+        self.val_set = TensorImageDataset(x[val_idx], y[val_idx], self.eval_transform())
+
+    def _setup_folders(self, stage):
+        """imagefolder and csv: scan every split (bad files out), then split, subset, fall back."""
+        strict = bool(self.cfg.get("strict", False))
+        classes = self.classes
+        if self.name == "csv":
+            splits = {s: scan_csv(path, strict, classes)[1:] for s, path in csv_files(self.root).items()}
+        else:
+            splits = {
+                s: scan_folder(self.root / s, strict, classes)[1:] for s in SPLITS if (self.root / s).is_dir()
+            }
+
+        def take(split, indices):
+            paths, labels = splits[split]
+            splits[split] = ([paths[i] for i in indices], [labels[i] for i in indices])
+
+        if self.cfg.get("folds") and "val" in splits:
+            log.warning(
+                "data.folds=%s: validating on a fold of train; the val split is not used", self.cfg["folds"]
+            )
+            del splits["val"]
+        if "val" not in splits:
+            tr, va = self._split_off_val(np.asarray(splits["train"][1]))
+            splits["val"] = splits["train"]
+            take("val", va)
+            take("train", tr)
+        for offset, split in enumerate(("train", "val")):
+            take(split, self._subset(self.cfg.get(f"{split}_subset"), np.asarray(splits[split][1]), offset))
+        if "test" not in splits:
+            log.warning("%s has no test split: testing on the validation split", self.root)
+            splits["test"] = splits["val"]
+        if self.cfg.get("test_subset"):
+            take("test", self._subset(self.cfg["test_subset"], np.asarray(splits["test"][1]), 2))
+        self.train_set = FileImageDataset(*splits["train"], self.train_transform())
+        self.val_set = FileImageDataset(*splits["val"], self.eval_transform())
+        self.test_set = FileImageDataset(*splits["test"], self.eval_transform())
+
+    # -- loaders
+    def _num_workers(self) -> int:
+        n = self.cfg.get("num_workers")
+        if n is not None:
+            return int(n)
+        if self.name in STANDARD:
+            return 0  # in-memory tensors: per-sample transforms are cheaper than a worker process
+        return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+    def _loader(self, dataset, shuffle: bool, sampler=None) -> DataLoader:
+        workers = self._num_workers()
+        return DataLoader(
+            dataset,
+            batch_size=int(self.cfg["batch_size"]),
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_skip_none if isinstance(dataset, FileImageDataset) else None,
+            drop_last=False,
+        )
+
+    def train_labels(self) -> np.ndarray:
+        labels = self.train_set.labels
+        return labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.train_labels(), minlength=self.num_classes)
+
+    def class_weights(self) -> torch.Tensor | None:
+        """Inverse-frequency class weights with mean 1 (for the loss) when data.balance=loss_weights.
+
+        A class absent from the training set counts as one image. None for any other `balance`.
+        """
+        if self.balance != "loss_weights":
+            return None
+        if self.train_set is None:
+            self.setup("fit")
+        weights = 1.0 / np.maximum(self.class_counts(), 1).astype(np.float64)
+        return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
+    def train_dataloader(self) -> DataLoader:
+        weights = None
+        if self.balance == "sampler":  # each class drawn equally often, with replacement
+            weights = 1.0 / np.maximum(self.class_counts()[self.train_labels()], 1)
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed, weights)
+        return self._loader(self.train_set, shuffle=True, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

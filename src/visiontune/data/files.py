@@ -1,0 +1,224 @@
+"""Image files on disk: scanning folders and CSV lists, checking each file, decoding it to RGB.
+
+Bad files (wrong extension, empty, missing, undecodable, truncated JPEG) are found at setup and
+listed by path, then skipped with a warning, or refused with `data.strict=true`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from visiontune.errors import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLITS = ("train", "val", "test")
+MAX_LISTED = 50  # bad files named one by one in a report; the rest are counted
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Any mode (L, RGBA, P, I;16, CMYK) to RGB, with EXIF orientation applied."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float32)
+            arr = 255.0 * arr / max(float(arr.max()), 1.0)
+            img = Image.fromarray(arr.astype(np.uint8), mode="L")
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGB", img.size, (255, 255, 255))
+            background.paste(img, mask=img.getchannel("A"))
+            return background
+        return img.convert("RGB")
+
+
+class FileImageDataset(Dataset):
+    """Image files with labels. A file that fails to decode mid-run is skipped with a warning."""
+
+    def __init__(self, paths: list[str], labels: list[int], transform=None):
+        self.paths, self.labels, self.transform = paths, np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = load_image(self.paths[i])
+        except Exception as exc:
+            warnings.warn(f"skipping unreadable image {self.paths[i]}: {exc}", stacklevel=1)
+            return None
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+def collate_skip_none(batch):
+    """default_collate over the readable samples; None (a skipped batch, with a warning) when there are none.
+
+    The training and evaluation steps skip a None batch.
+    """
+    samples = [b for b in batch if b is not None]
+    if not samples:
+        warnings.warn(f"skipping a batch: all {len(batch)} of its images were unreadable", stacklevel=2)
+        return None
+    return torch.utils.data.default_collate(samples)
+
+
+def check_image(path: Path) -> str | None:
+    """Why `path` is not a usable image, or None. Header check plus a JPEG end-marker check."""
+    if not path.is_file():
+        return "missing"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return "not an image file"
+    if path.stat().st_size == 0:
+        return "empty file"
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as exc:
+        return f"unreadable ({type(exc).__name__})"
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        with open(path, "rb") as f:
+            f.seek(-2, os.SEEK_END)
+            if f.read(2) != b"\xff\xd9":
+                return "truncated JPEG"
+    return None
+
+
+def drop_bad_files(
+    paths: list[str], labels: list[int], where: Path, strict: bool
+) -> tuple[list[str], list[int]]:
+    """The usable (paths, labels). Bad files are listed by path, then skipped (warning) or fatal (strict)."""
+    good_paths, good_labels, bad = [], [], []
+    for path, label in zip(paths, labels, strict=True):
+        problem = check_image(Path(path))
+        if problem:
+            bad.append(f"{path} ({problem})")
+        else:
+            good_paths.append(path)
+            good_labels.append(label)
+    if bad:
+        listing = "\n  ".join(bad[:MAX_LISTED])
+        if len(bad) > MAX_LISTED:
+            listing += f"\n  ... and {len(bad) - MAX_LISTED} more"
+        if strict:
+            raise UserError(
+                f"{len(bad)} bad files under {where} (data.strict=true): fix or remove them, "
+                "or set data.strict=false to skip them",
+                details="  " + listing,
+            )
+        warnings.warn(f"skipping {len(bad)} bad files under {where}:\n  {listing}", stacklevel=3)
+    return good_paths, good_labels
+
+
+def _unknown_classes(where: Path, names, classes: list[str], train: str) -> None:
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise UserError(
+            f"{where} has classes that are not in {train}: {unknown}. Fix the names, or add them to {train}"
+        )
+
+
+def _empty_classes(where: Path, labels: list[int], classes: list[str], what: str) -> None:
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+    if empty:
+        raise UserError(f"{what} with no usable images under {where}: {empty}. Add images or remove them")
+
+
+def scan_folder(
+    root: Path, strict: bool, classes: list[str] | None = None
+) -> tuple[list[str], list[str], list[int]]:
+    """(classes, paths, labels) of `root/<class>/*`; bad files are reported, then skipped or fatal."""
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist. Fix: data.root=/path/with/<class>/ folders")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise UserError(f"{root} has no class folders. Expected {root}/<class_name>/<image files>")
+    if classes is None:
+        classes = found
+    else:
+        _unknown_classes(root, found, classes, "train/")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if folder.is_dir():
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+            paths += [str(p) for p in files]
+            labels += [label] * len(files)
+    paths, labels = drop_bad_files(paths, labels, root, strict)
+    if found == classes:
+        _empty_classes(root, labels, classes, "class folders")
+    return classes, paths, labels
+
+
+def read_utf8(path: Path) -> str:
+    """The text of `path` (a UTF-8 BOM is dropped); other encodings are a UserError naming the first bad byte."""
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = bom + exc.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise UserError(
+            f"{path} is not UTF-8 text: byte 0x{raw[offset]:02x} at offset {offset} (line {line}) "
+            "cannot be decoded. Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 in.csv > out.csv)"
+        ) from None
+
+
+def read_csv_list(csv_path: Path) -> tuple[list[str], list[str]]:
+    """(paths, label names) of a `path,label` CSV. Paths are relative to the CSV's folder.
+
+    The first line is a header when its path cell has no file extension (`path,label`).
+    """
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path} does not exist. Fix: data.root=/path/to/train.csv")
+    rows = []
+    for line, row in enumerate(csv.reader(io.StringIO(read_utf8(csv_path), newline="")), start=1):
+        cells = [c.strip() for c in row]
+        if not any(cells):
+            continue
+        if len(cells) != 2 or not cells[0] or not cells[1]:
+            raise UserError(f"{csv_path} line {line}: expected `path,label`, got {row!r}")
+        rows.append(cells)
+    if rows and not Path(rows[0][0]).suffix and not (csv_path.parent / rows[0][0]).is_file():
+        rows = rows[1:]  # the header
+    if not rows:
+        raise UserError(f"{csv_path} lists no images. Expected lines of `path,label`")
+    return [str(csv_path.parent / p) for p, _ in rows], [label for _, label in rows]
+
+
+def scan_csv(
+    csv_path: Path, strict: bool, classes: list[str] | None = None
+) -> tuple[list[str], list[str], list[int]]:
+    """(classes, paths, labels) of a `path,label` CSV; bad files are reported, then skipped or fatal."""
+    paths, names = read_csv_list(csv_path)
+    if classes is None:
+        classes = sorted(set(names))
+    else:
+        _unknown_classes(csv_path, names, classes, "the training CSV")
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels = drop_bad_files(paths, [index[n] for n in names], csv_path, strict)
+    if set(names) == set(classes):
+        _empty_classes(csv_path, labels, classes, "classes")
+    return classes, paths, labels
+
+
+def csv_files(root: Path) -> dict[str, Path]:
+    """The CSV of each split: `root` itself is the training list, or a folder with train/val/test.csv."""
+    if root.is_file():
+        return {"train": root}
+    if not (root / "train.csv").is_file():
+        raise UserError(
+            f"{root} has no train.csv. Fix: data.root=/path/to/list.csv, or a folder with train.csv "
+            "(and optional val.csv, test.csv)"
+        )
+    return {split: root / f"{split}.csv" for split in SPLITS if (root / f"{split}.csv").is_file()}

@@ -1,0 +1,59 @@
+"""Packaging: a non-editable wheel carries its configs, and its commands work from any directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, TINY
+
+
+def sh(*args, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600, **kwargs)
+    assert result.returncode == 0, f"{args}: {result.stderr[-2000:]}"
+    return result
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_and_its_commands_run_from_another_directory(tmp_path):
+    sh(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        tmp_path / "dist",
+        ROOT,
+    )
+    wheel = next((tmp_path / "dist").glob("visiontune-*.whl"))
+    venv = tmp_path / "venv"
+    sh(sys.executable, "-m", "venv", "--without-pip", venv)
+    python = venv / "bin" / "python"
+    site = Path(sh(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
+    # reuse this environment's dependencies (torch, lightning, ...), but not its editable visiontune
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    sh(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = sh(python, "-c", "import visiontune; print(visiontune.__file__)", cwd=elsewhere).stdout
+    assert where.startswith(str(site)), where
+
+    fast = [*TINY, "model.backbone=resnet18", "model.pretrained=false", "logger=csv"]
+    sh(venv / "bin" / "visiontune-train", *fast, "hydra.run.dir=run", cwd=elsewhere)
+    metrics = json.loads((elsewhere / "run" / "metrics.json").read_text())
+    assert "test/acc" in metrics
+    ckpt = elsewhere / "run" / "checkpoints" / "best.ckpt"
+    sh(venv / "bin" / "visiontune-eval", f"ckpt_path={ckpt}", "hydra.run.dir=eval", cwd=elsewhere)
+    again = json.loads((elsewhere / "eval" / "metrics.json").read_text())
+    assert again["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    sh(venv / "bin" / "visiontune-augment-preview", "augment=flip", "data.image_size=32", "--n", "4",
+       "--out", "grid.png", cwd=elsewhere)  # fmt: skip
+    assert (elsewhere / "grid.png").stat().st_size > 0
