@@ -6,12 +6,11 @@ import csv
 import json
 
 import pytest
-from conftest import compose_cfg
+from helpers import FAST, compose_cfg, run
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from test_train import FAST, run
 
-from visiontune.train import CONF_DIR
+from visiontune.cli import CONF_DIR
 
 
 def test_ddp_cpu_run_writes_one_metrics_json(tmp_path):
@@ -44,6 +43,21 @@ def test_launcher_configs_compose(launcher):
     assert "_target_" in cfg.hydra.launcher
     if launcher == "slurm":
         assert cfg.hydra.launcher.gpus_per_node == 4 and "Slurm" in cfg.hydra.launcher._target_
+
+
+def test_the_slurm_launcher_asks_for_sigusr1_before_the_time_limit_and_allows_requeue(tmp_path):
+    """Lightning's SLURM pre-emption path needs SIGUSR1 ahead of the kill, and a requeueable job."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    extra = dict(cfg.hydra.launcher.additional_parameters)
+    script = _make_sbatch_string(
+        command="python -m visiontune.train", folder=str(tmp_path), additional_parameters=extra
+    )
+    assert "#SBATCH --signal=SIGUSR1@90" in script.splitlines()
+    assert "#SBATCH --requeue" in script.splitlines()
 
 
 @pytest.mark.parametrize("trainer", ["gpu", "ddp", "ddp_cpu", "fsdp", "multinode"])

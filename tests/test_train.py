@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY
+from helpers import FAST, run
 
 from visiontune.train import train
-
-FAST = [*TINY, "model.backbone=resnet18", "model.pretrained=false"]
-
-
-def run(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
 
 
 def test_train_writes_run_dir_and_eval_reproduces_test_acc(tmp_path):
@@ -35,7 +25,7 @@ def test_train_writes_run_dir_and_eval_reproduces_test_acc(tmp_path):
     assert (run_dir / "csv" / "metrics.csv").is_file()
     assert any((run_dir / "tensorboard").glob("events.out.tfevents*"))
     checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
-    assert checkpoint["hyper_parameters"]["backbone"] == "resnet18"
+    assert checkpoint["hyper_parameters"]["model"]["backbone"] == "resnet18"
 
     result = run(
         "visiontune.eval",
@@ -124,4 +114,50 @@ def test_imagefolder_cli_run_completes(tmp_path):
     result = run("visiontune.train", *args, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["train_images"] == 22 and 0.0 <= metrics["test/acc"] <= 1.0
+    # all of DIR (22 of 24 after the val split), tested on all 8 test images: accuracy is k/8
+    assert metrics["train_images"] == 22 and metrics["epochs"] == 1
+    assert (metrics["test/acc"] * 8) == pytest.approx(round(metrics["test/acc"] * 8), abs=1e-6)
+
+
+def test_metrics_json_records_the_best_value_of_the_monitor_under_its_own_name(tiny_cfg, tmp_path):
+    import csv
+
+    monitor = ["callbacks.checkpoint.monitor=val/loss", "callbacks.checkpoint.mode=min"]
+    value = train(
+        tiny_cfg("model.backbone=resnet18", "model.pretrained=false", "trainer.max_epochs=3", *monitor)
+    )
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        logged = [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
+    assert len(logged) == 3
+    assert metrics["val/loss"] == pytest.approx(min(logged)) and value == pytest.approx(min(logged))
+
+
+def test_plateau_follows_the_checkpoint_monitor_and_its_mode():
+    import lightning as L
+    from helpers import make_run
+
+    class ValLoss(L.Callback):
+        def __init__(self):
+            self.losses: list[float] = []
+
+        def on_validation_end(self, trainer, pl_module):
+            self.losses.append(float(trainer.callback_metrics["val/loss"]))
+
+    probe = ValLoss()
+    plateau = {"name": "plateau", "patience": 0, "factor": 0.5, "threshold": 10.0}
+    trainer, model, dm, _ = make_run({"name": "full"}, epochs=2, scheduler=plateau, callbacks=[probe])
+    model.monitor = {"monitor": "val/loss", "mode": "min"}
+    trainer.fit(model, datamodule=dm)
+    best, bad, scale = model.plateau_state.tolist()
+    assert best == pytest.approx(-probe.losses[0])  # the first val/loss, negated: lower is better
+    assert scale == 0.5  # the second epoch did not improve by the threshold: one cut
+
+
+def test_logs_to_a_file_get_one_plain_line_per_epoch(tmp_path):
+    result = run("visiontune.train", *FAST, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
+    assert all("img/s" in line and "ETA" in line for line in lines)
+    assert "\x1b[" not in result.stdout.split("visiontune run:")[0]  # no progress-bar escape codes

@@ -1,7 +1,7 @@
 """`python -m visiontune.train [overrides]`: one fine-tuning run, start to finish.
 
-The whole run reads top to bottom in `train(cfg)`: seed, data, model, callbacks, loggers, Trainer,
-fit, test, metrics.json.
+The whole run reads top to bottom in `train(cfg)`: checks, seed, data, model, callbacks, loggers,
+Trainer, fit, test, metrics.json. The pieces are built by `visiontune.build`, like every other command.
 """
 
 from __future__ import annotations
@@ -11,80 +11,247 @@ import logging
 import os
 import sys
 import time
+import warnings
+from datetime import datetime
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig
 
-from visiontune.backbones import backbone_data_config
-from visiontune.data import ImageDataModule
+from visiontune.build import build_datamodule, build_model
+from visiontune.callbacks import LastCheckpoint, ResumeMidEpoch, RunClock, SaveOnInterrupt, format_seconds
+from visiontune.checkpoints import AtomicCheckpointIO, load_checkpoint
+from visiontune.cli import CONF_DIR, SUMMARY_KEYS, RunStopped, plain, print_summary, run_cli
 from visiontune.errors import UserError
-from visiontune.finetune import create_strategy
-from visiontune.module import ImageClassifier
-from visiontune.transforms import batch_mix
+from visiontune.finetune import ApplyFreeze
+from visiontune.sweeper.pruning import trial_callbacks
+from visiontune.validate import validate_config
 
 log = logging.getLogger("visiontune")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def plain(node) -> dict:
-    """An OmegaConf node as plain Python containers (what checkpoints may hold)."""
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+def train(cfg: DictConfig) -> float:
+    """Fit, test the best checkpoint, write metrics.json; return the optimized metric (the monitor's best)."""
+    validate_config(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = cfg.get("ckpt_path") or requeued_slurm_checkpoint(run_dir)
+    check_run_dir(ckpt_dir, ckpt_path, bool(cfg.get("restart")))
+    L.seed_everything(cfg.seed, workers=True)
 
+    datamodule = build_datamodule(cfg)
+    model = build_model(cfg, datamodule)
+    if ckpt_path:
+        check_resume(ckpt_path, datamodule.classes, bool(cfg.data.get("allow_class_mismatch")))
+    if cfg.model.compile:
+        if model.freeze_schedule.unfreezes:
+            raise UserError(
+                f"model.compile=true with finetune={cfg.finetune.name}: torch.compile does not notice layers "
+                "unfrozen later (pytorch #139476). Use finetune=full|linear_probe|freeze_groups or model.compile=false"
+            )
+        model = torch.compile(model)
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to `<name>.tmp`, then rename it over the old one.
-
-    A crash (or a full disk) while saving leaves the previous `last.ckpt` whole, never half-written.
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if "://" in str(path):  # remote file systems: Lightning's own writer
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-
-
-class SaveOnException(L.Callback):
-    """On an exception mid-run, save `on_exception.ckpt` beside `last.ckpt` (which stays as it was).
-
-    Lightning's own OnExceptionCheckpoint also makes every `fit(ckpt_path=None)` resume from
-    `last.ckpt` when one exists, which would silently continue an old run in a reused run dir.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        trainer.save_checkpoint(self.path)
-
-
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
-    cb = cfg.callbacks
-    callbacks: list[L.Callback] = [
-        create_strategy(plain(cfg.finetune)),
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="best",
-            monitor=cb.checkpoint.monitor,
-            mode=cb.checkpoint.mode,
-            save_last=True,
-            auto_insert_metric_name=False,
-        ),
-        # an exception mid-epoch also saves checkpoints/on_exception.ckpt (last.ckpt stays as it was)
-        SaveOnException(run_dir / "checkpoints" / "on_exception.ckpt"),
-        RichProgressBar(refresh_rate=cb.progress.refresh_rate, leave=True),
+    monitor, mode = cfg.callbacks.checkpoint.monitor, cfg.callbacks.checkpoint.mode
+    best = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, enable_version_counter=False
+    )
+    interrupts = SaveOnInterrupt(ckpt_dir)
+    freeze = ApplyFreeze()
+    clock = RunClock(print_lines=not sys.stdout.isatty())
+    callbacks = [
+        freeze,
+        best,
+        LastCheckpoint(ckpt_dir),
+        interrupts,
+        ResumeMidEpoch(),
+        clock,
+        *build_callbacks(cfg),
     ]
+    callbacks += trial_callbacks(cfg)
+    trainer = L.Trainer(
+        **plain(cfg.trainer),
+        default_root_dir=run_dir,
+        callbacks=callbacks,
+        logger=build_loggers(cfg, run_dir) or False,
+        # under SLURM: SIGUSR1 (sbatch --signal=SIGUSR1@90) saves hpc_ckpt_N.ckpt and requeues the job
+        plugins=[
+            AtomicCheckpointIO(),
+            *([SLURMEnvironment(auto_requeue=True)] if SLURMEnvironment.detect() else []),
+        ],
+        enable_model_summary=False,
+        enable_progress_bar=sys.stdout.isatty(),
+    )
+    log.info("run dir: %s", run_dir)
+    log.info("data: %s, image size %d, augment=%s", datamodule.name, datamodule.image_size, cfg.augment.name)
+    check_cpu_budget(model, datamodule, cfg, trainer)
+
+    suggestion = find_lr(trainer, model, datamodule, cfg, run_dir) if cfg.tune.lr_find else None
+    start = time.perf_counter()
+    fit(trainer, model, datamodule, ckpt_path, interrupts, ckpt_dir)
+    train_time = time.perf_counter() - start
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("lr-")}
+    if best.best_model_score is not None:  # the best value of the monitor, under its own name
+        metrics[monitor] = float(best.best_model_score)
+    if cfg.get("test"):
+        ckpt = best.best_model_path or None
+        tested = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+        metrics.update({k: float(v) for k, v in tested[0].items()})
+    metrics.update(
+        train_time_s=round(train_time, 2),
+        epochs=trainer.current_epoch,
+        epochs_this_run=clock.epochs,
+        train_images=len(datamodule.train_set),
+        images_per_s=round(clock.images / max(train_time, 1e-9), 1),
+        **freeze.start_counts,
+        best_ckpt=best.best_model_path,
+        lr=model.lr,
+    )
+    if suggestion is not None:
+        metrics["lr_find/suggestion"] = suggestion
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        print_summary(metrics, run_dir, keys=(monitor, *(k for k in SUMMARY_KEYS if k != monitor)))
+    return metrics.get(cfg.get("optimized_metric") or monitor, float("nan"))
+
+
+def fit(
+    trainer: L.Trainer, model, datamodule, ckpt_path, interrupts: SaveOnInterrupt, ckpt_dir: Path
+) -> None:
+    """`trainer.fit`, with interrupts and crashes turned into one line that says how to continue."""
+    try:
+        with warnings.catch_warnings():
+            # ResumeMidEpoch makes a mid-epoch resume exact, which Lightning cannot see from the loader
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except UserError:
+        raise
+    except (SystemExit, KeyboardInterrupt) as exc:  # Lightning ends SIGTERM and SIGINT with SystemExit
+        if interrupts.signal is None:
+            raise
+        where = f"resume with ckpt_path={interrupts.saved}" if interrupts.saved else "nothing was trained yet"
+        raise RunStopped(
+            f"interrupted by {interrupts.signal.name} in epoch {trainer.current_epoch} "
+            f"(step {trainer.global_step}); {where}",
+            128 + int(interrupts.signal),
+        ) from exc
+    except Exception:
+        if interrupts.saved:
+            last = ckpt_dir / "last.ckpt"
+            also = f" (or the last epoch end: ckpt_path={last})" if last.is_file() else ""
+            log.error("training crashed; continue with ckpt_path=%s%s", interrupts.saved, also)
+        raise
+    if trainer.interrupted:  # stopped without an exception we could see
+        raise RunStopped(f"training was interrupted; resume with ckpt_path={ckpt_dir / 'last.ckpt'}", 1)
+
+
+def check_run_dir(ckpt_dir: Path, ckpt_path: str | None, restart: bool) -> None:
+    """A run dir that holds checkpoints of an earlier run: resume it, or move them aside on request."""
+    old = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if not old or ckpt_path:
+        return
+    if not restart:
+        raise UserError(
+            f"{ckpt_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in old)}). Resume it with "
+            f"ckpt_path={ckpt_dir / 'last.ckpt'}, or start fresh with restart=true (moves them aside)"
+        )
+    aside = ckpt_dir.with_name(f"checkpoints.{datetime.now():%Y%m%d-%H%M%S}")
+    ckpt_dir.rename(aside)
+    log.warning("restart=true: moved the earlier run's checkpoints to %s", aside)
+
+
+def requeued_slurm_checkpoint(run_dir: Path) -> Path | None:
+    """A requeued SLURM job's newest state: Lightning's `hpc_ckpt_N.ckpt`, or our interrupted/last checkpoint.
+
+    The requeued job runs the same command in the same run dir, so this is what it continues from.
+    """
+    if not SLURMEnvironment.detect():
+        return None
+    ours = [run_dir / "checkpoints" / name for name in ("interrupted.ckpt", "last.ckpt")]
+    found = [*run_dir.glob("hpc_ckpt_*.ckpt"), *(p for p in ours if p.is_file())]
+    if not found:
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    log.info("SLURM job %s was requeued: resuming from %s", os.environ.get("SLURM_JOB_ID", "?"), newest)
+    return newest
+
+
+def check_resume(ckpt_path: str, classes: list[str], allow_mismatch: bool) -> None:
+    """The checkpoint to resume loads safely and was trained on the same class names, in the same order."""
+    trained = load_checkpoint(ckpt_path)["hyper_parameters"].get("class_names")
+    if trained is None or list(trained) == list(classes) or allow_mismatch:
+        return
+    raise UserError(class_mismatch_message(ckpt_path, list(trained), list(classes)))
+
+
+def class_mismatch_message(ckpt_path, trained: list[str], found: list[str]) -> str:
+    differ = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(trained, found, strict=False)) if a != b]
+    if len(trained) != len(found):
+        differ.append(f"{len(trained)} classes vs {len(found)}")
+    return (
+        f"the data's classes differ from those {ckpt_path} was trained on (checkpoint vs data: "
+        f"{'; '.join(differ[:5])}). Fix data.root, or accept it with data.allow_class_mismatch=true"
+    )
+
+
+def check_cpu_budget(model, datamodule, cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Estimate the fit's CPU time from one timed forward pass; refuse it above `max_cpu_hours`.
+
+    A bare `python -m visiontune.train` (all of Fashion-MNIST at 224 px for 10 epochs) would run for
+    many hours on a laptop; this says so before it starts instead of after.
+    """
+    if trainer.strategy.root_device.type != "cpu" or trainer.fast_dev_run:
+        return
+    datamodule.setup("fit")
+    per_image = forward_seconds_per_image(model, datamodule.image_size)
+    epochs = int(cfg.trainer.max_epochs)
+    train_images = len(datamodule.train_set) * epochs
+    if (max_steps := int(cfg.trainer.get("max_steps") or -1)) > 0:
+        train_images = min(train_images, max_steps * int(cfg.data.batch_size))
+        epochs = max(1, -(-train_images // max(1, len(datamodule.train_set))))
+    eval_images = len(datamodule.val_set) * epochs + (len(datamodule.test_set) if cfg.get("test") else 0)
+    # a training step (forward and backward) costs about three forward passes
+    seconds = per_image * (3 * train_images + eval_images)
+    log.info(
+        "estimated CPU time: %s (%d training images x %d epochs at %d px)",
+        format_seconds(seconds), len(datamodule.train_set), epochs, datamodule.image_size,
+    )  # fmt: skip
+    limit = cfg.get("max_cpu_hours")
+    if limit is not None and seconds / 3600 > float(limit):
+        raise UserError(
+            f"this run would take about {seconds / 3600:.1f} h on this CPU ({len(datamodule.train_set):,} "
+            f"training images x {epochs} epochs at {datamodule.image_size} px), more than max_cpu_hours={limit}. "
+            "Shorten it (experiment=fashion_mnist_lite0, or lower data.train_subset, data.image_size, "
+            "trainer.max_epochs), or allow it with max_cpu_hours=null"
+        )
+
+
+def forward_seconds_per_image(model, size: int, batch: int = 8) -> float:
+    """Seconds per image of one eval-mode forward pass on zeros (no RNG drawn, no BN statistics touched)."""
+    x = torch.zeros(batch, 3, size, size)
+    was_training = model.training
+    model.eval()
+    timings = []
+    with torch.inference_mode():
+        for _ in range(4):  # the first call pays for kernel selection: take the fastest
+            start = time.perf_counter()
+            model(x)
+            timings.append(time.perf_counter() - start)
+    model.train(was_training)
+    return min(timings) / batch
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The optional callbacks the config asks for (progress bar, LR monitor, EMA, early stopping)."""
+    cb = cfg.callbacks
+    callbacks: list[L.Callback] = []
+    if sys.stdout.isatty():
+        callbacks.append(RichProgressBar(refresh_rate=cb.progress.refresh_rate, leave=True))
     if cb.lr_monitor and any(cfg.logger.values()):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cb.get("ema"):
@@ -120,93 +287,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
-def train(cfg: DictConfig) -> float:
-    """Fit, test the best checkpoint, write metrics.json; return `cfg.optimized_metric`."""
-    run_dir = Path(cfg.paths.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
-
-    datamodule = ImageDataModule(
-        plain(cfg.data), plain(cfg.augment), backbone_data_config(cfg.model.backbone), seed=cfg.seed
-    )
-    model = ImageClassifier(
-        backbone=cfg.model.backbone,
-        pretrained=cfg.model.pretrained,
-        num_classes=datamodule.num_classes,
-        class_names=datamodule.classes,
-        head_dropout=cfg.model.head.dropout,
-        head_hidden=cfg.model.head.hidden,
-        label_smoothing=cfg.model.label_smoothing,
-        optimizer=plain(cfg.optimizer),
-        scheduler=plain(cfg.scheduler),
-        backbone_lr_mult=cfg.finetune.backbone_lr_mult,
-        layer_decay=cfg.finetune.layer_decay,
-        channels_last=cfg.model.channels_last,
-        data=plain(cfg.data),
-        augment=plain(cfg.augment),
-        seed=cfg.seed,
-        class_weights=weights.tolist() if (weights := datamodule.class_weights()) is not None else None,
-    )
-    model.mix = batch_mix(plain(cfg.augment), datamodule.num_classes)
-    callbacks = build_callbacks(cfg, run_dir)
-    strategy = callbacks[0]
-    if cfg.model.compile:
-        if strategy.unfreezes:
-            raise UserError(
-                f"model.compile=true with finetune={strategy.name}: torch.compile does not notice layers "
-                "unfrozen later (pytorch #139476). Use finetune=full|linear_probe|freeze_groups or model.compile=false"
-            )
-        model = torch.compile(model)
-
-    trainer = L.Trainer(
-        **plain(cfg.trainer),
-        default_root_dir=run_dir,
-        callbacks=callbacks,
-        logger=build_loggers(cfg, run_dir) or False,
-        plugins=[AtomicCheckpointIO()],
-        enable_model_summary=False,
-    )
-    log.info("run dir: %s", run_dir)
-    log.info("data: %s, image size %d, augment=%s", datamodule.name, datamodule.image_size, cfg.augment.name)
-
-    suggestion = find_lr(trainer, model, datamodule, cfg, run_dir) if cfg.tune.lr_find else None
-    start = time.perf_counter()
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except Exception:
-        log.error("training crashed; continue with ckpt_path=%s", run_dir / "checkpoints" / "last.ckpt")
-        raise
-    train_time = time.perf_counter() - start
-    if trainer.interrupted:
-        raise UserError(
-            "training was interrupted; resume with ckpt_path=" + str(run_dir / "checkpoints/last.ckpt")
-        )
-
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("lr-")}
-    checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
-    if checkpoint.best_model_score is not None:
-        metrics["val/acc"] = float(checkpoint.best_model_score)
-    if cfg.get("test"):
-        ckpt = "best" if checkpoint.best_model_path else None
-        tested = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
-        metrics.update({k: float(v) for k, v in tested[0].items()})
-    metrics.update(
-        train_time_s=round(train_time, 2),
-        epochs=trainer.current_epoch,
-        train_images=len(datamodule.train_set),
-        images_per_s=round(len(datamodule.train_set) * trainer.current_epoch / max(train_time, 1e-9), 1),
-        **strategy.start_counts,
-        best_ckpt=checkpoint.best_model_path,
-        lr=model.lr,
-    )
-    if suggestion is not None:
-        metrics["lr_find/suggestion"] = suggestion
-    if trainer.is_global_zero:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        print_summary(metrics, run_dir)
-    return metrics.get(cfg.optimized_metric, float("nan"))
-
-
-def find_lr(trainer: L.Trainer, model: ImageClassifier, datamodule, cfg: DictConfig, run_dir: Path) -> float:
+def find_lr(trainer: L.Trainer, model, datamodule, cfg: DictConfig, run_dir: Path) -> float:
     """Lightning's LR range test; its suggestion becomes optimizer.lr, the plot goes to lr_find.png."""
     from lightning.pytorch.tuner import Tuner
 
@@ -232,37 +313,6 @@ def find_lr(trainer: L.Trainer, model: ImageClassifier, datamodule, cfg: DictCon
         finder.plot(suggest=True).savefig(run_dir / "lr_find.png")
     log.info("LR finder suggests optimizer.lr=%.3g (plot: %s)", suggestion, run_dir / "lr_find.png")
     return float(suggestion)
-
-
-def print_summary(metrics: dict, run_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"visiontune run: {run_dir}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in (
-        "val/acc",
-        "test/acc",
-        "test/loss",
-        "train_time_s",
-        "images_per_s",
-        "trainable_params",
-        "frozen_params",
-    ):
-        if key in metrics:
-            value = metrics[key]
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) and value < 10 else f"{value:,}")
-    Console().print(table)
-
-
-def run_cli(task, cfg: DictConfig):
-    """Run `task(cfg)`; bad input ends with one line on stderr and exit code 2, not a traceback."""
-    try:
-        return task(cfg)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

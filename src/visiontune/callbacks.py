@@ -1,0 +1,199 @@
+"""The run's own Lightning callbacks: checkpoints that are always current, interrupts, progress lines.
+
+- `LastCheckpoint`: `last.ckpt` at the end of every epoch and of the run, whatever the monitor says
+  (Lightning's `save_last` only follows a new best).
+- `SaveOnInterrupt`: SIGTERM, SIGINT or a crash mid-training saves a resumable checkpoint; an error
+  before the first training step saves nothing (it is a setup error, not a lost run).
+- `ResumeMidEpoch`: the position within the epoch, in every checkpoint, so that resume is exact.
+- `RunClock`: counts the images and epochs trained in this process (so throughput after a resume is
+  honest), and prints one plain line per epoch when stdout is not a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from visiontune.data.datamodule import EpochShuffleSampler
+from visiontune.errors import UserError
+
+log = logging.getLogger("visiontune")
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`checkpoints/last.ckpt`, rewritten at every epoch end and once more when training ends."""
+
+    def __init__(self, dirpath: Path):
+        super().__init__(
+            dirpath=dirpath,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run stopped between epoch ends (max_steps, early stop mid-epoch) still leaves its final state.
+        if trainer.global_step != self._last_global_step_saved and not trainer.sanity_checking:
+            self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
+
+
+INTERRUPTS = {SIGTERMException: signal.SIGTERM, KeyboardInterrupt: signal.SIGINT}
+
+
+class SaveOnInterrupt(L.Callback):
+    """On an interrupt or a crash after training began, save the current state as a checkpoint.
+
+    The checkpoint is exact: `ResumeMidEpoch` records how far into the epoch the run got, so a resume
+    continues with the next unseen batch. Lightning's own OnExceptionCheckpoint also makes every later
+    `fit(ckpt_path=None)` resume from `last.ckpt`, which would silently continue an old run.
+    """
+
+    def __init__(self, dirpath: Path):
+        self.dirpath = Path(dirpath)
+        self.saved: Path | None = None
+        self.signal: signal.Signals | None = None
+        self._sigint_pending = False
+        self._previous_sigint = None
+
+    # Ctrl-C raises KeyboardInterrupt wherever Python happens to be, e.g. between a BatchNorm update and
+    # the optimizer step, which would leave a half-done batch in the checkpoint. Like Lightning does for
+    # SIGTERM, the first SIGINT is only noted, and acted on before the next batch starts, when every
+    # counter agrees that the previous batch is complete; a second one interrupts at once.
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._note_sigint)
+
+    def _note_sigint(self, signum, frame) -> None:
+        if self._sigint_pending:
+            raise KeyboardInterrupt
+        self._sigint_pending = True
+        log.warning("SIGINT: stopping at the end of this batch (press Ctrl-C again to stop at once)")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._sigint_pending:
+            raise KeyboardInterrupt
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self.signal = next((s for t, s in INTERRUPTS.items() if isinstance(exception, t)), None)
+        if isinstance(exception, UserError):  # bad input (a full disk, bad data): nothing to save, no advice
+            return
+        if trainer.global_step == 0 and trainer.fit_loop.epoch_loop.batch_progress.current.completed == 0:
+            return  # nothing trained yet: a setup error, or an interrupt before the first step
+        path = self.dirpath / ("interrupted.ckpt" if self.signal else "on_exception.ckpt")
+        try:
+            trainer.save_checkpoint(path)
+        except Exception as exc:  # a full disk must not hide the original error
+            log.error("could not save %s: %s", path, exc)
+            return
+        self.saved = path
+
+
+class ResumeMidEpoch(L.Callback):
+    """Every checkpoint records how many batches of the current epoch are done; a resume skips them.
+
+    The data order is a function of (seed, epoch) (`EpochShuffleSampler`), so skipping the first
+    `completed * batch_size` indices of the epoch continues exactly where an interrupted run stopped.
+    (Lightning's own loader-state hook is not used: it is skipped when `configure_optimizers` has
+    already set up the data to count the steps.)
+    """
+
+    def __init__(self):
+        self.completed = 0
+        self._resume_at = 0
+        self._batches = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._batches = int(trainer.num_training_batches)
+        if not self._resume_at:
+            return
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, EpochShuffleSampler):
+            sampler.skip = self._resume_at * int(loader.batch_size)
+            self.completed = self._resume_at
+        else:  # e.g. a distributed sampler: the epoch starts over
+            log.warning(
+                "resuming mid-epoch: this loader cannot skip ahead, epoch %d restarts", trainer.current_epoch
+            )
+        self._resume_at = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.completed = batch_idx + 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.completed = 0
+
+    def state_dict(self) -> dict:
+        # a checkpoint taken at an epoch's end (or at its validation) starts the next epoch from its top
+        return {"completed": self.completed if self.completed < self._batches else 0}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_at = int(state_dict.get("completed", 0))
+
+
+class RunClock(L.Callback):
+    """Images and epochs trained in this process, with one plain progress line per epoch if asked."""
+
+    def __init__(self, print_lines: bool):
+        self.print_lines = print_lines
+        self.images = 0
+        self.epochs = 0
+        self.started = 0.0
+        self._epoch_start = 0.0
+        self._epoch_images = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = time.perf_counter()
+        self._epoch_images = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch is not None:
+            n = len(batch[0])
+            self.images += n
+            self._epoch_images += n
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs += 1
+        if not self.print_lines or not trainer.is_global_zero:
+            return
+        now = time.perf_counter()
+        seconds = now - self._epoch_start
+        done = trainer.current_epoch + 1
+        left = max(0, (trainer.max_epochs or done) - done)
+        metrics = trainer.callback_metrics
+        shown = " ".join(
+            f"{k} {float(metrics[k]):.4f}" for k in ("train/loss", "val/loss", "val/acc") if k in metrics
+        )
+        eta = (now - self.started) / max(self.epochs, 1) * left
+        print(
+            f"epoch {done}/{trainer.max_epochs}  {shown}  {self._epoch_images / max(seconds, 1e-9):.0f} img/s  "
+            f"{seconds:.0f} s  ETA {format_seconds(eta)}",
+            file=sys.stdout,
+            flush=True,
+        )
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

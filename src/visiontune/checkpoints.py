@@ -1,0 +1,199 @@
+"""Checkpoints: written atomically, read safely.
+
+Writing: each checkpoint goes to `<name>.tmp`, then is renamed over the old one, so a crash while
+saving never leaves a half-written `last.ckpt`; a full disk or a read-only run dir is one clear line,
+with no `.tmp` left behind.
+Reading: always `torch.load(weights_only=True)`, local or remote (http(s):// and any fsspec URL,
+where Lightning's own default would be `weights_only=False`), so a checkpoint can never run code;
+anything that is not one of ours is one clear line that names the file and what it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from visiontune.errors import UserError
+
+REMOTE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+READ_ONLY = {
+    errno.EROFS: "the folder is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+# what torch.save's C++ writer says when the disk fills up under it
+WRITE_FAILED = ("file write failed", "basic_ios::clear", "iostream error", "unexpected pos")
+# what torch's weights-only unpickler says when a file needs a global (a function or a class) to load
+NEEDS_CODE = (
+    r"GLOBAL ([\w.]+)",
+    r"unrecognized function ([^\n]+?)(?: which belongs|\n|$)",
+    r"(?:create new object|Can only build).*?but got ([^\n]+)",
+)
+DOWNLOAD_TIMEOUT_S = 60
+FIX_WRITE = "Free space, or set hydra.run.dir=<a folder on another disk>"
+
+
+def is_remote(path) -> bool:
+    return REMOTE.match(str(path)) is not None and not str(path).startswith("file://")
+
+
+def write_problem(exc: BaseException) -> str | None:
+    """Why a checkpoint could not be written, in words, when it is the disk or the folder; else None."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return f"disk full ({exc.strerror or os.strerror(exc.errno)})"
+    if isinstance(exc, OSError) and exc.errno in READ_ONLY:
+        return f"{READ_ONLY[exc.errno]} ({exc.strerror or os.strerror(exc.errno)})"
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in WRITE_FAILED):
+        return f"disk full? the write failed ({one_line(exc, 100)})"
+    return None
+
+
+def free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def save_atomic(checkpoint: dict, path: str | Path) -> None:
+    """torch.save to `<name>.tmp`, then rename over `path`. The old file stays whole when that fails."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # on a read-only folder there is nothing to remove
+            tmp.unlink(missing_ok=True)
+        problem = write_problem(exc)
+        if problem is None:
+            raise
+        if "full" in problem:
+            problem = f"{problem}, {free_space(path.parent)}. {FIX_WRITE}"
+        else:
+            problem += ". Make it writable, or set hydra.run.dir=<a writable folder>"
+        raise UserError(f"cannot write checkpoint {path}: {problem}") from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint atomically (see `save_atomic`); read each one with `load_checkpoint`.
+
+    Lightning resumes (`trainer.fit(ckpt_path=...)`) through `load_checkpoint` here, so a resumed
+    checkpoint is loaded with `weights_only=True` too, also from a URL.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if is_remote(path):  # remote file systems: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_atomic(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_checkpoint(path)
+
+
+def read_remote(url: str) -> bytes:
+    """The bytes at an http(s) URL (urllib) or any other fsspec URL (s3://, gs://, ...)."""
+    if url.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            what = "does not exist" if exc.code == 404 else "cannot be downloaded"
+            raise UserError(f"checkpoint {url} {what} (HTTP {exc.code} {exc.reason})") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(f"cannot download checkpoint {url}: {reason}") from None
+    import fsspec
+
+    try:
+        fs, location = fsspec.core.url_to_fs(url)
+        return fs.cat_file(location)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {url} does not exist") from None
+    except (ImportError, ValueError) as exc:  # no backend for the scheme (e.g. s3fs not installed)
+        raise UserError(f"cannot read checkpoint {url}: {one_line(exc)}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read checkpoint {url}: {one_line(exc)}") from None
+
+
+def one_line(text: object, limit: int = 160) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+def load_problem(exc: Exception, head: bytes, size: int) -> str:
+    """What a file that torch.load refused is: empty, truncated, pickled code, or not a checkpoint."""
+    if size == 0:
+        return "is empty (0 bytes): an interrupted save? Use another checkpoint of the run"
+    code = next((m for m in (re.search(p, str(exc)) for p in NEEDS_CODE) if m), None)
+    if code:
+        return (
+            f"holds pickled code ({code.group(1).strip()}): refusing to unpickle code, checkpoints load with "
+            "weights_only=True (tensors and plain values only). Use a checkpoint saved by visiontune"
+        )
+    if head.startswith(b"PK"):
+        return f"is truncated or corrupt (an incomplete archive of {size:,} bytes). Use another checkpoint"
+    reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+    reason = reason.group(1) if reason else f"{type(exc).__name__}: {one_line(exc, 80)}"
+    return f"is not a PyTorch checkpoint ({size:,} bytes of other data; {reason})"
+
+
+def structure_problem(checkpoint) -> str | None:
+    """What a loaded object is when it is not a visiontune checkpoint; None when it is one."""
+    if not isinstance(checkpoint, dict):
+        return f"is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict"
+    if "state_dict" not in checkpoint:
+        if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            return (
+                f"is a plain state dict ({len(checkpoint)} tensor{'s' * (len(checkpoint) != 1)}), not a visiontune checkpoint. "
+                "Use <run dir>/checkpoints/best.ckpt (or last.ckpt) of a visiontune run"
+            )
+        keys = ", ".join(map(str, list(checkpoint)[:6]))
+        return f"is not a visiontune checkpoint: no state_dict (keys: {keys or 'none'})"
+    if "hyper_parameters" not in checkpoint:
+        return "is a Lightning checkpoint without hyper_parameters: not one saved by visiontune"
+    return None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A visiontune checkpoint (local path or URL) as a dict, on the CPU, loaded with weights_only=True.
+
+    Missing, empty, truncated, foreign or code-carrying files are a one-line UserError naming the file.
+    """
+    if is_remote(path):
+        source, data = str(path), read_remote(str(path))
+        size, head, stream = len(data), data[:4], io.BytesIO(data)
+    else:
+        source = Path(str(path).removeprefix("file://"))
+        if not source.is_file():
+            what = "is a folder, not a file" if source.is_dir() else "does not exist"
+            raise UserError(f"checkpoint {source} {what}. Fix: ckpt_path=<run dir>/checkpoints/best.ckpt")
+        try:
+            size = source.stat().st_size
+            with open(source, "rb") as f:
+                head = f.read(4)
+        except OSError as exc:
+            raise UserError(f"cannot read checkpoint {source}: {exc.strerror or exc}") from None
+        stream = source
+    try:
+        with warnings.catch_warnings():  # a foreign pickle's protocol note: the error below says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(stream, map_location="cpu", weights_only=True)
+    except Exception as exc:  # whatever torch.load trips over, the file is not a loadable checkpoint
+        raise UserError(f"checkpoint {source} {load_problem(exc, head, size)}") from None
+    problem = structure_problem(checkpoint)
+    if problem:
+        raise UserError(f"checkpoint {source} {problem}")
+    return checkpoint

@@ -1,0 +1,232 @@
+"""Reliability: no lost epochs, no false success, a clear line for every fault, exact resume after a signal."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+import torch
+from helpers import FAST, ROOT, compose_cfg
+from PIL import Image
+
+import visiontune.train as train_module
+from visiontune.errors import UserError
+from visiontune.train import train
+
+
+def ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_last_ckpt_holds_the_final_epoch_when_the_monitor_stops_improving(tmp_path):
+    """best.ckpt stays at epoch 0 (val/acc never improves at LR 1e-12); last.ckpt still has every epoch."""
+    train(
+        compose_cfg([*FAST, "trainer.max_epochs=4", "optimizer.lr=1e-12", "finetune=linear_probe"], tmp_path)
+    )
+    best, last = ckpt(tmp_path / "checkpoints" / "best.ckpt"), ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert best["epoch"] == 0
+    assert last["epoch"] == 3 and last["global_step"] == 4 * 4  # 64 images / batch 16 = 4 steps per epoch
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_last_ckpt_is_written_when_a_run_ends_mid_epoch(tmp_path):
+    train(compose_cfg([*FAST, "trainer.max_epochs=3", "+trainer.max_steps=6"], tmp_path))
+    assert ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+
+# ---------------------------------------------------------------- signals
+
+
+SIGNAL_RUN = [
+    "model.backbone=resnet18",
+    "model.pretrained=false",
+    "data.train_subset=384",
+    "data.val_subset=32",
+    "data.test_subset=32",
+    "data.image_size=32",
+    "data.batch_size=16",
+    "trainer.max_epochs=3",
+    "trainer.num_sanity_val_steps=0",
+    "scheduler=cosine",
+    "model.head.dropout=0.3",
+    "logger=csv",
+]
+
+
+def start_run(run_dir, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "visiontune.train", *SIGNAL_RUN, *extra, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def interrupt_in_epoch_1(proc: subprocess.Popen, signum: int) -> tuple[str, str]:
+    """Send `signum` once the first epoch has ended (its progress line is printed), i.e. during epoch 1."""
+    deadline = time.monotonic() + 300
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("epoch 1/3"):
+            time.sleep(1.5)  # a few batches into epoch 1
+            proc.send_signal(signum)
+            break
+        assert time.monotonic() < deadline, "the run never finished epoch 0"
+    out, err = proc.communicate(timeout=300)
+    return "".join(seen) + out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_resumable_checkpoint_and_resume_is_exact(signum, tmp_path):
+    straight = tmp_path / "straight"
+    train(compose_cfg(SIGNAL_RUN, straight))
+
+    _, err = interrupt_in_epoch_1(start_run(tmp_path / "cut"), signum)
+    proc_lines = [line for line in err.splitlines() if line.startswith("stopped:")]
+    assert len(proc_lines) == 1, err[-2000:]
+    assert f"interrupted by {signal.Signals(signum).name} in epoch 1" in proc_lines[0]
+    assert "Traceback" not in err
+    resume_from = proc_lines[0].split("ckpt_path=")[1].strip()
+    assert resume_from.endswith("interrupted.ckpt") and os.path.isfile(resume_from)
+    cut = ckpt(resume_from)
+    assert cut["epoch"] == 1 and 384 // 16 <= cut["global_step"] < 2 * 384 // 16  # in epoch 1
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "visiontune.train", *SIGNAL_RUN, f"ckpt_path={resume_from}",
+         f"hydra.run.dir={tmp_path / 'cut'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = ckpt(straight / "checkpoints" / "last.ckpt"), ckpt(tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 3 * 384 // 16
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+
+
+def test_the_exit_code_of_a_signal_is_128_plus_its_number(tmp_path):
+    proc = start_run(tmp_path / "run")
+    interrupt_in_epoch_1(proc, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
+# ---------------------------------------------------------------- resume checks
+
+
+def write_classes(root, names):
+    for i, name in enumerate(names):
+        folder = root / "train" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(6):
+            Image.new("RGB", (12, 12), (40 * i, 20 * j, 100)).save(folder / f"{j}.png")
+
+
+def test_resume_refuses_data_whose_class_names_differ(tmp_path):
+    data = tmp_path / "ds"
+    write_classes(data, ["cat", "dog"])
+    base = [*FAST, "data=imagefolder", f"data.root={data}", "data.val_fraction=0.34"]
+    train(compose_cfg(base, tmp_path / "a"))
+    (data / "train" / "dog").rename(data / "train" / "ant")  # same count, new order: ant, cat
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match=r"0: 'cat' vs 'ant'; 1: 'dog' vs 'cat'") as info:
+        train(compose_cfg([*base, "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "b"))
+    assert "data.allow_class_mismatch=true" in str(info.value) and "\n" not in str(info.value)
+    ok = [*base, "trainer.max_epochs=2", f"ckpt_path={last}", "data.allow_class_mismatch=true"]
+    train(compose_cfg(ok, tmp_path / "c"))
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 100, "state_dict"])
+def test_a_bad_checkpoint_to_resume_is_one_line(content, tmp_path):
+    path = tmp_path / "bad.ckpt"
+    if content == "state_dict":
+        torch.save({"w": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError) as info:
+        train(compose_cfg([*FAST, f"ckpt_path={path}"], tmp_path / "run"))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- setup errors are not crashes
+
+
+class FailFirstBatch(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        raise RuntimeError("broken before the first step")
+
+
+def test_an_error_before_the_first_step_writes_no_checkpoint_and_no_resume_advice(
+    tmp_path, monkeypatch, caplog
+):
+    real = train_module.build_callbacks
+    monkeypatch.setattr(train_module, "build_callbacks", lambda cfg: [*real(cfg), FailFirstBatch()])
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="broken before the first step"):
+        train(compose_cfg(FAST, tmp_path))
+    assert (
+        not list((tmp_path / "checkpoints").glob("*.ckpt")) if (tmp_path / "checkpoints").exists() else True
+    )
+    assert "ckpt_path" not in caplog.text
+
+
+class FailInEpoch1(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 1:
+            raise RuntimeError("crash in epoch 1")
+
+
+def test_a_crash_names_checkpoints_that_exist(tmp_path, monkeypatch, caplog):
+    real = train_module.build_callbacks
+    monkeypatch.setattr(train_module, "build_callbacks", lambda cfg: [*real(cfg), FailInEpoch1()])
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="crash in epoch 1"):
+        train(compose_cfg([*FAST, "trainer.max_epochs=2"], tmp_path))
+    named = [w.split("=")[1].rstrip(")") for w in caplog.text.split() if w.startswith("ckpt_path=")]
+    assert named and all(os.path.isfile(p) for p in named)
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def test_throughput_after_resume_counts_only_this_process(tmp_path):
+    train(compose_cfg([*FAST, "trainer.max_epochs=2"], tmp_path / "a"))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    train(compose_cfg([*FAST, "trainer.max_epochs=3", f"ckpt_path={last}"], tmp_path / "b"))
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["epochs_this_run"] == 1
+    images = metrics["images_per_s"] * metrics["train_time_s"]
+    assert images == pytest.approx(64, rel=0.05)  # one epoch of 64 images, not three
+
+
+# ---------------------------------------------------------------- SLURM pre-emption
+
+SLURM_ENV = {
+    "SLURM_NTASKS": "1",
+    "SLURM_JOB_NAME": "vt-test",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_NODELIST": "localhost",
+}
+
+
+@pytest.mark.slow
+def test_slurm_sigusr1_saves_an_hpc_checkpoint_and_the_requeued_job_resumes_from_it(tmp_path):
+    """Lightning's pre-emption path: SIGUSR1 saves hpc_ckpt_N.ckpt (then asks scontrol to requeue, which is
+    absent here); the same command in the same run dir then continues from it instead of refusing the dir."""
+    env = {**os.environ, **SLURM_ENV}
+    args = [sys.executable, "-m", "visiontune.train", *SIGNAL_RUN, f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    interrupt_in_epoch_1(proc, signal.SIGUSR1)
+    hpc = list((tmp_path / "run").glob("hpc_ckpt_*.ckpt"))
+    assert len(hpc) == 1 and ckpt(hpc[0])["epoch"] == 1
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "was requeued: resuming from" in again.stderr + again.stdout
