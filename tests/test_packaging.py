@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,18 +21,18 @@ def sh(*args, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_the_wheel_installs_and_its_commands_run_from_another_directory(tmp_path):
-    sh(
-        sys.executable,
-        "-m",
-        "pip",
-        "wheel",
-        "-q",
-        "--no-deps",
-        "--no-build-isolation",
-        "-w",
-        tmp_path / "dist",
-        ROOT,
-    )
+    # build from a clean copy of the sources: an in-tree build/ directory could carry stale modules
+    source = tmp_path / "source"
+    top_level = {"build", "outputs", "multirun", "data", "lightning_logs"}
+
+    def skip(folder, names):
+        return [n for n in names if n.startswith(".") or n == "__pycache__" or n.endswith(".egg-info")] + (
+            [n for n in names if n in top_level] if Path(folder) == ROOT else []
+        )
+
+    shutil.copytree(ROOT, source, ignore=skip)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    sh(*pip_wheel, "-w", tmp_path / "dist", source)
     wheel = next((tmp_path / "dist").glob("visiontune-*.whl"))
     venv = tmp_path / "venv"
     sh(sys.executable, "-m", "venv", "--without-pip", venv)
