@@ -1,62 +1,146 @@
-"""`python -m visiontune.eval ckpt_path=PATH [data.*=...]`: re-test a checkpoint, write metrics.json.
+"""`python -m visiontune.eval ckpt_path=PATH [data.<key>=...] [calibrate=true]`: test a checkpoint and report.
 
-The checkpoint carries its backbone name and data config as plain hyperparameters, so nothing but
-the file is needed; non-null `data.*` overrides patch the stored data config (e.g. a new root).
+The checkpoint carries its backbone, class names and data config, so nothing but the file is needed;
+each `data.<key>=value` given on the command line patches the stored data config (e.g. a new root).
+Into the run dir: metrics.json, per_class.csv, confusion_matrix.png, reliability.png, mistakes.png,
+report.md and, with calibrate=true, calibrated.ckpt (the same checkpoint with the fitted temperature).
+
+test/acc and test/loss are computed exactly as the module's test_step logs them (raw logits), so they
+equal what training reported for the same checkpoint; test/nll and test/ece use the temperature.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import hydra
-import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from visiontune.backbones import backbone_data_config
-from visiontune.data import ImageDataModule
-from visiontune.errors import UserError
-from visiontune.module import ImageClassifier
-from visiontune.train import CONF_DIR, plain, print_summary, run_cli
+from visiontune import calibration, report
+from visiontune.build import checkpoint_datamodule, load_classifier
+from visiontune.checkpoints import load_checkpoint
+from visiontune.cli import CONF_DIR, print_summary, run_cli
+from visiontune.inference import (
+    check_class_names,
+    cli_data_patch,
+    collect_logits,
+    indexed_loader,
+    pick_device,
+    quiet_warnings,
+    temperature_of,
+)
+from visiontune.validate import validate_eval_config
 
 log = logging.getLogger("visiontune")
+SUMMARY = ("test/acc", "test/top5", "test/macro_f1", "test/loss", "test/nll", "test/ece", "temperature",
+           "val/nll_before", "val/nll_after", "test/ece_after")  # fmt: skip
 
 
-def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
-    """Rebuild the model from a checkpoint; the backbone is not re-downloaded (weights come from the file)."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist. Fix: ckpt_path=<run dir>/checkpoints/best.ckpt")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = dict(checkpoint["hyper_parameters"], pretrained=False)
-    model = ImageClassifier(**hparams)
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
+def evaluate(cfg: DictConfig, patch: dict | None = None) -> dict:
+    """Test `cfg.ckpt_path`, write the report into cfg.paths.output_dir; returns metrics.json's content.
 
-
-def evaluate(cfg: DictConfig) -> dict:
+    `patch`: data keys over the checkpoint's data config (the command line's `data.*`; None = read
+    them from the Hydra command line).
+    """
+    quiet_warnings()
     run_dir = Path(cfg.paths.output_dir)
-    model = load_classifier(cfg.ckpt_path)
-    data = dict(model.hparams.data)
-    data.update({k: v for k, v in plain(cfg.data).items() if v is not None})
-    datamodule = ImageDataModule(
-        data, {"name": "none"}, backbone_data_config(model.hparams.backbone), seed=model.hparams.seed
-    )
-    if datamodule.num_classes != model.hparams.num_classes:
-        raise UserError(
-            f"the data has {datamodule.num_classes} classes, the checkpoint {model.hparams.num_classes}"
-        )
-    trainer = L.Trainer(
-        **plain(cfg.trainer), logger=False, default_root_dir=run_dir, enable_model_summary=False
-    )
-    results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
-    metrics = {k: float(v) for k, v in results.items()}
-    metrics["ckpt_path"] = str(cfg.ckpt_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    validate_eval_config(cfg)
+    model = load_classifier(cfg.ckpt_path).to(pick_device(cfg.trainer.accelerator))
+    patch = cli_data_patch(cfg) if patch is None else patch
+    datamodule = checkpoint_datamodule(model, patch)
+    allow = bool(patch.get("allow_class_mismatch", cfg.data.get("allow_class_mismatch", False)))
+    check_class_names(model.hparams.get("class_names"), list(datamodule.classes), allow)
+    class_names = list(model.hparams.get("class_names") or datamodule.classes)
+    datamodule.setup("test")
+    loader = indexed_loader(datamodule.test_set, like=datamodule.test_dataloader())
+    logits, targets, indices = collect_logits(model, loader)
+    temperature = temperature_of(model)
+    metrics: dict = calibration.classification_metrics(logits, targets, temperature)
+    metrics.update({"temperature": temperature, "test/images": len(targets), "ckpt_path": str(cfg.ckpt_path)})
+
+    fitted = None
+    if cfg.calibrate:
+        fitted = calibrate(model, datamodule, logits, targets, cfg, run_dir)
+        metrics.update(fitted)
+    if cfg.report.enabled:
+        write_report(run_dir, metrics, logits, targets, indices, datamodule, class_names, fitted, cfg)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    print_summary(metrics, run_dir)
+    print_summary(metrics, run_dir, keys=SUMMARY)
     return metrics
+
+
+def calibrate(model, datamodule, test_logits, test_targets, cfg: DictConfig, run_dir: Path) -> dict:
+    """Fit one temperature on the validation split; write <run dir>/calibrated.ckpt with it.
+
+    The input checkpoint is never modified: the calibrated copy is the same file with
+    hyper_parameters["temperature"] set, which predict, export and serve read.
+    """
+    datamodule.setup("fit")
+    val_logits, val_targets, _ = collect_logits(
+        model, indexed_loader(datamodule.val_set, like=datamodule.val_dataloader())
+    )
+    before = temperature_of(model)
+    fitted = calibration.fit_temperature(val_logits, val_targets)
+    result = {
+        "temperature_fitted": fitted,
+        "val/nll_before": calibration.nll(val_logits, val_targets, before),
+        "val/nll_after": calibration.nll(val_logits, val_targets, fitted),
+        "val/ece_before": calibration.ece(val_logits, val_targets, before),
+        "val/ece_after": calibration.ece(val_logits, val_targets, fitted),
+        "test/nll_after": calibration.nll(test_logits, test_targets, fitted),
+        "test/ece_before": calibration.ece(test_logits, test_targets, before),
+        "test/ece_after": calibration.ece(test_logits, test_targets, fitted),
+    }
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    checkpoint["hyper_parameters"]["temperature"] = fitted
+    target = run_dir / "calibrated.ckpt"
+    tmp = target.with_name(target.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, target)
+    log.info(
+        "temperature %.4f (from the validation split): val NLL %.4f -> %.4f, test ECE %.4f -> %.4f; wrote %s",
+        fitted, result["val/nll_before"], result["val/nll_after"], result["test/ece_before"],
+        result["test/ece_after"], target,
+    )  # fmt: skip
+    return result
+
+
+def write_report(run_dir, metrics, logits, targets, indices, datamodule, class_names, fitted, cfg) -> None:
+    """per_class.csv, confusion_matrix.png, reliability.png, mistakes.png and report.md."""
+    temperature = metrics["temperature"]
+    probs = calibration.scaled_probs(logits, temperature)
+    cm = report.confusion_matrix(logits.argmax(1), targets, len(class_names))
+    rows = report.per_class_rows(cm, class_names)
+    report.write_per_class_csv(rows, run_dir / "per_class.csv")
+    report.plot_confusion(cm, class_names, run_dir / "confusion_matrix.png")
+    panels = [
+        (f"test, T={temperature:.3g}", calibration.reliability_bins(probs, targets), metrics["test/ece"])
+    ]
+    if fitted:
+        after = calibration.scaled_probs(logits, fitted["temperature_fitted"])
+        panels.append((f"test, T={fitted['temperature_fitted']:.3g} (fitted)",
+                       calibration.reliability_bins(after, targets), fitted["test/ece_after"]))  # fmt: skip
+    report.plot_reliability(panels, run_dir / "reliability.png")
+    wrong = report.most_confident_mistakes(probs, targets, int(cfg.report.mistakes))
+    images, captions = [], []
+    for k in wrong:
+        image, _ = datamodule.test_set[int(indices[k])]
+        images.append(report.denormalise(image, datamodule.mean, datamodule.std))
+        predicted = int(probs[k].argmax())
+        captions.append(
+            f"{class_names[targets[k]]} / {class_names[predicted]}, {float(probs[k, predicted]):.2f}"
+        )
+    report.plot_mistakes(images, captions, run_dir / "mistakes.png")
+    calib = None
+    if fitted:
+        calib = {"temperature": fitted["temperature_fitted"], **fitted}
+    confusions = report.top_confusions(cm, class_names)
+    report.write_report_md(run_dir / "report.md", metrics, rows, confusions, calib, str(cfg.ckpt_path))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

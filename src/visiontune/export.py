@@ -1,0 +1,244 @@
+"""`python -m visiontune.export ckpt_path=PATH format=onnx|torchscript`: a deployable model and its preprocess.json.
+
+Into the run dir (or `out_dir`): model.onnx (torch.onnx.export with dynamo=True, one file, dynamic
+batch axis) or model.torchscript.pt (traced), preprocess.json beside it, and export.json with the
+parity check. The model returns softmax(logits / temperature) (`output=probabilities`, the default)
+or the logits (`output=logits`); preprocess.json says which.
+
+Parity check: real test images of the checkpoint's data are preprocessed by `preprocess_image` from
+preprocess.json alone (numpy, as a deployer without torch would) and run through the exported file
+(onnxruntime for ONNX). `max_abs_diff` is the largest difference of those probabilities from the
+PyTorch checkpoint's own, on the same images through its training eval transform: the whole
+deployed path against PyTorch. export.json also splits it: `model_max_abs_diff` (the exported file
+vs PyTorch on identical inputs) and `preprocess_max_abs_diff` (deployer vs training preprocessing,
+in grey levels). Both probability differences must be at most `tolerance` (1e-4), or nothing is written.
+
+Every file goes to a temporary name first and is renamed only when the check has passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from visiontune.build import checkpoint_datamodule, load_classifier
+from visiontune.cli import CONF_DIR, run_cli
+from visiontune.errors import UserError
+from visiontune.inference import (
+    check_class_names,
+    cli_data_patch,
+    quiet_warnings,
+    raw_image,
+    temperature_of,
+)
+from visiontune.preprocess import INTERPOLATIONS, load_spec, make_spec, preprocess_image, softmax
+
+log = logging.getLogger("visiontune")
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+OUTPUTS = ("probabilities", "logits")
+INPUT_NAME, OUTPUT_NAMES = "image", {"probabilities": "probabilities", "logits": "logits"}
+
+
+class Deployable(nn.Module):
+    """The network alone (backbone, then head: no Lightning state, so it traces and exports) with the
+    temperature folded in: image batch -> probabilities, or logits with output="logits".
+
+    The parity check compares it against the ImageClassifier itself, so a wrong assembly fails there.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float, output: str):
+        super().__init__()
+        self.net = nn.Sequential(model.backbone, model.head)
+        self.temperature, self.output = float(temperature), output
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.net(image)
+        if self.output == "logits":
+            return logits
+        return torch.softmax(logits / self.temperature, dim=-1)
+
+
+def export_onnx(
+    module: nn.Module, example: torch.Tensor, path: Path, output_name: str, opset: int | None
+) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    kwargs = {"opset_version": opset} if opset else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[output_name],
+            dynamic_shapes={INPUT_NAME: {0: batch}},
+            external_data=False,  # one self-contained file (fine below 2 GB), safe to rename
+            verbose=False,
+            **kwargs,
+        )
+
+
+def export_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with (
+        warnings.catch_warnings()
+    ):  # torch 2.14 marks TorchScript deprecated; format=onnx is the future-proof one
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, example, check_trace=False)
+        traced.save(str(path))
+
+
+class Runner:
+    """Run an exported file on a numpy batch (N, 3, H, W) float32 -> numpy outputs."""
+
+    def __init__(self, path: Path, fmt: str):
+        self.fmt = fmt
+        if fmt == "onnx":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.input_name = self.session.get_inputs()[0].name
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.fmt == "onnx":
+            return self.session.run(None, {self.input_name: batch})[0]
+        with torch.inference_mode():
+            return self.module(torch.from_numpy(batch)).numpy()
+
+
+def parity_indices(n_total: int, n: int) -> list[int]:
+    """`n` indices spread evenly over a split (every class shows up in a sorted image folder)."""
+    if n_total <= n:
+        return list(range(n_total))
+    return np.linspace(0, n_total - 1, n).round().astype(int).tolist()
+
+
+def parity_check(runner: Runner, model: nn.Module, spec: dict, images, eval_transform) -> dict:
+    """The deployed path (preprocess.json + exported file) against PyTorch (eval transform + classifier)."""
+    deployed = np.stack([preprocess_image(image, spec) for image in images])
+    trained = torch.stack([eval_transform(image) for image in images])
+    temperature = spec["temperature"]
+    exported = runner(deployed)
+    if spec["output"] == "logits":
+        exported = softmax(exported, temperature)
+    with torch.inference_mode():
+        same_inputs = (model(torch.from_numpy(deployed)) / temperature).softmax(-1).numpy()
+        reference = (model(trained) / temperature).softmax(-1).numpy()
+    std = np.asarray(spec["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+    return {
+        "max_abs_diff": float(np.abs(exported - reference).max()),
+        "model_max_abs_diff": float(np.abs(exported - same_inputs).max()),
+        "preprocess_max_abs_diff": float((np.abs(deployed - trained.numpy()) * std * 255).max()),
+        "top1_agreement": float((exported.argmax(1) == reference.argmax(1)).mean()),
+        "parity_images": len(images),
+    }
+
+
+def _replace_all(pairs: list[tuple[Path, Path]]) -> None:
+    for tmp, final in pairs:
+        os.replace(tmp, final)
+
+
+def export(cfg: DictConfig, patch: dict | None = None) -> dict:
+    """Export `cfg.ckpt_path`; returns export.json's content."""
+    quiet_warnings()
+    fmt = str(cfg.format)
+    if fmt not in FORMATS:
+        raise UserError(f"format={fmt} is unknown; choose one of {', '.join(FORMATS)}")
+    if cfg.output not in OUTPUTS:
+        raise UserError(f"output={cfg.output} is unknown; choose one of {', '.join(OUTPUTS)}")
+    model = load_classifier(cfg.ckpt_path).cpu()
+    temperature = temperature_of(model)
+    patch = cli_data_patch(cfg) if patch is None else patch
+    datamodule = checkpoint_datamodule(model, patch)
+    class_names = list(model.hparams.get("class_names") or datamodule.classes)
+    check_class_names(class_names, list(datamodule.classes), bool(patch.get("allow_class_mismatch", False)))
+    spec = make_spec(datamodule.image_size, datamodule.crop_pct, datamodule.interpolation, datamodule.mean,
+                     datamodule.std, class_names, temperature, cfg.output,
+                     backbone=str(model.hparams.model.get("backbone", "")))  # fmt: skip
+    if datamodule.interpolation not in INTERPOLATIONS:
+        raise UserError(
+            f"interpolation {datamodule.interpolation}: preprocess.json readers reproduce only "
+            f"{', '.join(INTERPOLATIONS)}. Fix: train with data.interpolation=bicubic (or bilinear)"
+        )
+    datamodule.setup("test")
+    indices = parity_indices(len(datamodule.test_set), int(cfg.parity_images))
+    images = [raw_image(datamodule.test_set, i) for i in indices]
+    if not images:
+        raise UserError("the test split has no images for the parity check. Fix: check data.root")
+
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = {
+        "model": out_dir / FORMATS[fmt],
+        "preprocess": out_dir / "preprocess.json",
+        "report": out_dir / "export.json",
+    }
+    tmp = {k: p.with_name(f".{p.name}.tmp") for k, p in final.items()}
+    module = Deployable(model, temperature, cfg.output).eval()
+    size = datamodule.image_size
+    example = torch.zeros(2, 3, size, size)
+    try:
+        if fmt == "onnx":
+            export_onnx(module, example, tmp["model"], OUTPUT_NAMES[cfg.output], cfg.opset)
+        else:
+            export_torchscript(module, example, tmp["model"])
+        tmp["preprocess"].write_text(json.dumps(spec, indent=2))
+        parity = parity_check(Runner(tmp["model"], fmt), model, load_spec(tmp["preprocess"]), images,
+                              datamodule.eval_transform())  # fmt: skip
+        result = {
+            "format": fmt,
+            "model": str(final["model"]),
+            "preprocess": str(final["preprocess"]),
+            "ckpt_path": str(cfg.ckpt_path),
+            "output": cfg.output,
+            "temperature": temperature,
+            "dynamic_batch": True,
+            "tolerance": float(cfg.tolerance),
+            **parity,
+        }
+        print(f"parity on {parity['parity_images']} test images: max_abs_diff {parity['max_abs_diff']:.3g}")
+        worst = max(parity["max_abs_diff"], parity["model_max_abs_diff"])
+        if not worst <= float(cfg.tolerance):
+            raise UserError(
+                f"parity check failed: the exported model's probabilities differ from PyTorch's by {worst:.3g} "
+                f"> tolerance={cfg.tolerance} (model alone: {parity['model_max_abs_diff']:.3g}); nothing was written"
+            )
+        tmp["report"].write_text(json.dumps(result, indent=2))
+        _replace_all([(tmp[k], final[k]) for k in ("model", "preprocess", "report")])
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+    for key in (
+        "max_abs_diff",
+        "model_max_abs_diff",
+        "preprocess_max_abs_diff",
+        "top1_agreement",
+    ):
+        print(f"{key:>24}: {result[key]:.3g}")
+    print(f"exported {final['model']} (+ preprocess.json, export.json)")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    run_cli(export, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""`python -m visiontune.serve ckpt_path=PATH | model=PATH.onnx [port=8000]`: an HTTP service (FastAPI + uvicorn).
+
+- `POST /predict`: one image, as the raw request body (any content type) or as a file in a
+  multipart form. Answers `{"label", "prob", "topk": [{"label", "prob"}, ...]}`, probabilities
+  being softmax(logits / temperature) with the model's temperature.
+- `GET /health`: `{"status": "ok", ...}` with request and batch counters.
+- Requests that arrive together are run as one batch: up to `max_batch_size` images, collected for
+  at most `batch_timeout` seconds after the first one (a small asyncio queue in front of one model
+  thread; see MicroBatcher).
+- Not an image, an empty body: 400; over `max_bytes`: 413; `max_pending` requests already in hand
+  (waiting or running): 503; always a JSON `{"error": ...}`, and the server keeps serving.
+
+A checkpoint runs in PyTorch with the training eval transform; an .onnx file runs in onnxruntime
+with the preprocess.json beside it (`visiontune.export` writes both), so the service needs no
+checkpoint at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from omegaconf import DictConfig
+from starlette.concurrency import run_in_threadpool
+
+from visiontune.cli import CONF_DIR, run_cli
+from visiontune.errors import UserError
+
+log = logging.getLogger("visiontune")
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# -- the model behind the service: a list of RGB images -> probabilities (N, C)
+class TorchPredictor:
+    def __init__(self, ckpt_path: str, device: str = "auto"):
+        from visiontune.build import checkpoint_eval_transform, load_classifier
+        from visiontune.inference import pick_device, temperature_of
+
+        self.device = pick_device(device)
+        self.model = load_classifier(ckpt_path).to(self.device)
+        self.temperature = temperature_of(self.model)
+        self.transform = checkpoint_eval_transform(self.model)
+        self.class_names = list(self.model.hparams.get("class_names") or [])
+        if not self.class_names:
+            self.class_names = [str(i) for i in range(self.model.hparams.num_classes)]
+        self.source = str(ckpt_path)
+
+    def __call__(self, images: list) -> np.ndarray:
+        batch = torch.stack([self.transform(image) for image in images]).to(self.device)
+        with torch.inference_mode():
+            return (self.model(batch).float() / self.temperature).softmax(-1).cpu().numpy()
+
+
+class OnnxPredictor:
+    def __init__(self, onnx_path: str):
+        import onnxruntime as ort
+
+        from visiontune.preprocess import load_spec
+
+        path = Path(onnx_path)
+        spec_path = path.with_name("preprocess.json")
+        if not path.is_file():
+            raise UserError(f"model={path} does not exist. Fix: model=<export run dir>/model.onnx")
+        if not spec_path.is_file():
+            raise UserError(
+                f"no preprocess.json beside {path}. Fix: export again (python -m visiontune.export)"
+            )
+        self.spec = load_spec(spec_path)
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.class_names = list(self.spec["class_names"])
+        self.temperature = float(self.spec.get("temperature", 1.0))
+        self.source = str(path)
+
+    def __call__(self, images: list) -> np.ndarray:
+        from visiontune.preprocess import preprocess_image, softmax
+
+        batch = np.stack([preprocess_image(image, self.spec) for image in images])
+        out = self.session.run(None, {self.input_name: batch})[0]
+        return out if self.spec["output"] == "probabilities" else softmax(out, self.temperature)
+
+
+class MicroBatcher:
+    """Collects concurrent requests into batches for one model thread.
+
+    The first waiting request opens a batch; it closes at `max_batch_size` items or `batch_timeout`
+    seconds later, whichever comes first, and runs in a single worker thread (so the event loop keeps
+    accepting requests meanwhile). If a batch fails, its items are run one by one, so only the
+    request that caused it gets the error.
+    """
+
+    def __init__(self, fn, max_batch_size: int, batch_timeout: float):
+        self.fn = fn
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.batch_timeout = float(batch_timeout)
+        self.queue: asyncio.Queue | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.batches = self.items = self.largest = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, item):
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((item, future))
+        return await future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.batch_timeout
+            while len(batch) < self.max_batch_size:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
+            self.batches += 1
+            self.items += len(batch)
+            self.largest = max(self.largest, len(batch))
+            items = [item for item, _ in batch]
+            try:
+                results = await loop.run_in_executor(self.executor, self.fn, items)
+            except Exception:  # noqa: BLE001 - find the culprit: one by one
+                results = [await self._run_one(loop, item) for item in items]
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    async def _run_one(self, loop, item):
+        try:
+            return (await loop.run_in_executor(self.executor, self.fn, [item]))[0]
+        except Exception as exc:  # noqa: BLE001 - handed to the one waiting request
+            return exc
+
+
+def decode(data: bytes):
+    """Request bytes -> RGB image, or BadRequest(400) saying why not."""
+    from PIL import Image
+
+    from visiontune.preprocess import open_image
+
+    if not data:
+        raise BadRequest(400, "empty request: send the image as the request body or as a multipart file")
+    try:
+        image = open_image(bytes(data))
+    except Image.DecompressionBombError as exc:
+        raise BadRequest(413, f"image too large in pixels ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise BadRequest(400, "not an image: the bytes are in no image format PIL can read") from None
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [""])[0][:100]
+        raise BadRequest(400, f"not a readable image ({type(exc).__name__}: {reason})") from None
+    return image
+
+
+async def read_body(request, max_bytes: int) -> bytes:
+    """The body, refused (413) as soon as it passes max_bytes (Content-Length or the bytes read)."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_bytes:
+        raise BadRequest(413, f"request of {int(length)} bytes is over max_bytes={max_bytes}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise BadRequest(413, f"request is over max_bytes={max_bytes}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def image_bytes(request, max_bytes: int) -> bytes:
+    """The image's bytes: the first file of a multipart form, else the raw body."""
+    from starlette.datastructures import UploadFile
+
+    body = await read_body(request, max_bytes)
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return body
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form()
+    except Exception as exc:
+        raise BadRequest(400, f"malformed multipart form ({type(exc).__name__})") from None
+    files = [v for v in form.values() if isinstance(v, UploadFile)]
+    if not files:
+        raise BadRequest(
+            400, "the multipart form has no file: send the image as a file field (e.g. -F file=@x.png)"
+        )
+    return await files[0].read()
+
+
+def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01, max_bytes: int = 10_000_000,
+               topk: int = 5, max_pending: int = 256):  # fmt: skip
+    """The FastAPI app around `predictor` (a callable: list of RGB images -> probabilities (N, C))."""
+    batcher = MicroBatcher(predictor, max_batch_size, batch_timeout)
+    names = predictor.class_names
+    k = max(1, min(int(topk), len(names)))
+    started = time.time()
+    pending = [0]  # requests admitted and not answered yet (the event loop is one thread: no lock)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="visiontune", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "model": predictor.source,
+            "classes": len(names),
+            "temperature": predictor.temperature,
+            "max_batch_size": batcher.max_batch_size,
+            "requests": batcher.items,
+            "batches": batcher.batches,
+            "largest_batch": batcher.largest,
+            "uptime_s": round(time.time() - started, 1),
+        }
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        if pending[0] >= max_pending:
+            return JSONResponse(
+                {"error": f"busy: {max_pending} requests in hand; retry later"}, status_code=503
+            )
+        pending[0] += 1
+        try:
+            return await answer(request)
+        finally:
+            pending[0] -= 1
+
+    async def answer(request: Request):
+        try:
+            data = await image_bytes(request, max_bytes)
+            image = await run_in_threadpool(decode, data)
+        except BadRequest as exc:
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        try:
+            probs = np.asarray(await batcher.submit(image), dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001 - the model failed on this image: a JSON 500, not a crash
+            log.exception("prediction failed")
+            return JSONResponse({"error": f"prediction failed ({type(exc).__name__})"}, status_code=500)
+        order = np.argsort(-probs, kind="stable")[:k]
+        top = [{"label": names[i], "prob": float(probs[i])} for i in order]
+        return {"label": top[0]["label"], "prob": top[0]["prob"], "topk": top}
+
+    return app
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a UserError if the port is taken (checked before the model loads)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may reuse a port in TIME_WAIT
+    try:
+        sock.bind((host, int(port)))
+    except OSError as exc:
+        sock.close()
+        raise UserError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): the port is in use or not allowed. "
+            "Fix: port=<another port>, or stop the other server"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_predictor(cfg: DictConfig):
+    ckpt, onnx = cfg.get("ckpt_path"), cfg.get("model_file")
+    if bool(ckpt) == bool(onnx):
+        raise UserError("give exactly one of ckpt_path=<best.ckpt> or model=<model.onnx>")
+    if onnx:
+        if not str(onnx).endswith(".onnx"):
+            raise UserError(f"model={onnx} is not an .onnx file. Fix: model=<export run dir>/model.onnx")
+        return OnnxPredictor(str(onnx))
+    return TorchPredictor(str(ckpt), cfg.device)
+
+
+class ServerThread:
+    """Run the app with uvicorn in a background thread on an open socket (tests, benchmarks)."""
+
+    def __init__(self, app, sock: socket.socket, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = sock
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def serve(cfg: DictConfig) -> None:
+    import uvicorn
+
+    for key in ("max_batch_size", "max_bytes", "topk", "max_pending"):
+        if int(cfg[key]) < 1:
+            raise UserError(f"{key}={cfg[key]} must be at least 1")
+    sock = bind_socket(str(cfg.host), int(cfg.port))  # a taken port fails before the model loads
+    try:
+        predictor = make_predictor(cfg)
+        app = create_app(predictor, int(cfg.max_batch_size), float(cfg.batch_timeout), int(cfg.max_bytes),
+                         int(cfg.topk), int(cfg.max_pending))  # fmt: skip
+        host, port = sock.getsockname()[:2]
+        print(f"serving {predictor.source} on http://{host}:{port} (POST /predict, GET /health)", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level=str(cfg.log_level))).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def rename_model_override(argv: list[str]) -> list[str]:
+    """`model=PATH.onnx` -> `model_file=PATH.onnx`: Hydra reads `model=` as a choice of the conf/model group."""
+    return [f"model_file={a[len('model=') :]}" if a.startswith("model=") else a for a in argv]
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
+def _hydra_main(cfg: DictConfig) -> None:
+    run_cli(serve, cfg)
+
+
+def main() -> None:
+    sys.argv = rename_model_override(sys.argv)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
