@@ -95,7 +95,7 @@ def test_a_signal_saves_a_resumable_checkpoint_and_resume_is_exact(signum, tmp_p
     proc_lines = [line for line in err.splitlines() if line.startswith("stopped:")]
     assert len(proc_lines) == 1, err[-2000:]
     assert f"interrupted by {signal.Signals(signum).name} in epoch 1" in proc_lines[0]
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "weights_only" not in err  # no alarming noise with the checkpoint
     resume_from = proc_lines[0].split("ckpt_path=")[1].strip()
     assert resume_from.endswith("interrupted.ckpt") and os.path.isfile(resume_from)
     cut = ckpt(resume_from)
@@ -137,7 +137,9 @@ def test_resume_refuses_data_whose_class_names_differ(tmp_path):
     train(compose_cfg(base, tmp_path / "a"))
     (data / "train" / "dog").rename(data / "train" / "ant")  # same count, new order: ant, cat
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    with pytest.raises(UserError, match=r"0: 'cat' vs 'ant'; 1: 'dog' vs 'cat'") as info:
+    with pytest.raises(
+        UserError, match=r"only in the checkpoint: \['dog'\]; only in the data: \['ant'\]"
+    ) as info:
         train(compose_cfg([*base, "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "b"))
     assert "data.allow_class_mismatch=true" in str(info.value) and "\n" not in str(info.value)
     ok = [*base, "trainer.max_epochs=2", f"ckpt_path={last}", "data.allow_class_mismatch=true"]

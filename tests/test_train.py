@@ -161,3 +161,11 @@ def test_logs_to_a_file_get_one_plain_line_per_epoch(tmp_path):
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
     assert all("img/s" in line and "ETA" in line for line in lines)
     assert "\x1b[" not in result.stdout.split("visiontune run:")[0]  # no progress-bar escape codes
+
+
+def test_a_run_longer_than_max_cpu_hours_is_refused_before_it_starts(tiny_cfg, tmp_path):
+    from visiontune.errors import UserError
+
+    with pytest.raises(UserError, match=r"would take about .* more than max_cpu_hours=1e-06") as info:
+        train(tiny_cfg("model.backbone=resnet18", "model.pretrained=false", "max_cpu_hours=0.000001"))
+    assert "max_cpu_hours=null" in str(info.value) and not (tmp_path / "checkpoints").exists()

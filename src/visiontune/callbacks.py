@@ -98,7 +98,7 @@ class SaveOnInterrupt(L.Callback):
             return  # nothing trained yet: a setup error, or an interrupt before the first step
         path = self.dirpath / ("interrupted.ckpt" if self.signal else "on_exception.ckpt")
         try:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the full, resumable state
         except Exception as exc:  # a full disk must not hide the original error
             log.error("could not save %s: %s", path, exc)
             return

@@ -29,6 +29,7 @@ from visiontune.checkpoints import AtomicCheckpointIO, load_checkpoint
 from visiontune.cli import CONF_DIR, SUMMARY_KEYS, RunStopped, plain, print_summary, run_cli
 from visiontune.errors import UserError
 from visiontune.finetune import ApplyFreeze
+from visiontune.inference import check_class_names
 from visiontune.sweeper.pruning import trial_callbacks
 from visiontune.validate import validate_config
 
@@ -181,22 +182,10 @@ def requeued_slurm_checkpoint(run_dir: Path) -> Path | None:
     return newest
 
 
-def check_resume(ckpt_path: str, classes: list[str], allow_mismatch: bool) -> None:
+def check_resume(ckpt_path: str | Path, classes: list[str], allow_mismatch: bool) -> None:
     """The checkpoint to resume loads safely and was trained on the same class names, in the same order."""
     trained = load_checkpoint(ckpt_path)["hyper_parameters"].get("class_names")
-    if trained is None or list(trained) == list(classes) or allow_mismatch:
-        return
-    raise UserError(class_mismatch_message(ckpt_path, list(trained), list(classes)))
-
-
-def class_mismatch_message(ckpt_path, trained: list[str], found: list[str]) -> str:
-    differ = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(trained, found, strict=False)) if a != b]
-    if len(trained) != len(found):
-        differ.append(f"{len(trained)} classes vs {len(found)}")
-    return (
-        f"the data's classes differ from those {ckpt_path} was trained on (checkpoint vs data: "
-        f"{'; '.join(differ[:5])}). Fix data.root, or accept it with data.allow_class_mismatch=true"
-    )
+    check_class_names(trained, list(classes), allow_mismatch)
 
 
 def check_cpu_budget(model, datamodule, cfg: DictConfig, trainer: L.Trainer) -> None:
@@ -231,14 +220,18 @@ def check_cpu_budget(model, datamodule, cfg: DictConfig, trainer: L.Trainer) -> 
         )
 
 
-def forward_seconds_per_image(model, size: int, batch: int = 8) -> float:
-    """Seconds per image of one eval-mode forward pass on zeros (no RNG drawn, no BN statistics touched)."""
+def forward_seconds_per_image(model, size: int, batch: int = 16, repeats: int = 5) -> float:
+    """Seconds per image of an eval-mode forward pass on zeros (no RNG drawn, no BN statistics touched).
+
+    The fastest of a few passes: the first pays for kernel selection, and other processes on the
+    machine only ever make a pass slower.
+    """
     x = torch.zeros(batch, 3, size, size)
     was_training = model.training
     model.eval()
     timings = []
     with torch.inference_mode():
-        for _ in range(4):  # the first call pays for kernel selection: take the fastest
+        for _ in range(repeats):
             start = time.perf_counter()
             model(x)
             timings.append(time.perf_counter() - start)
