@@ -146,6 +146,19 @@ def test_resume_refuses_data_whose_class_names_differ(tmp_path):
     train(compose_cfg(ok, tmp_path / "c"))
 
 
+def test_resuming_a_checkpoint_of_another_backbone_or_class_count_is_one_line(tmp_path):
+    train(compose_cfg(FAST, tmp_path / "a"))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match="holds a resnet18 model, this run builds vgg16") as info:
+        train(compose_cfg([*FAST, "model.backbone=vgg16", f"ckpt_path={last}"], tmp_path / "b"))
+    assert "\n" not in str(info.value)
+    data = tmp_path / "ds"
+    write_classes(data, ["cat", "dog"])
+    two = [*FAST, "data=imagefolder", f"data.root={data}", "data.val_fraction=0.34", f"ckpt_path={last}"]
+    with pytest.raises(UserError, match="the data has 2 classes, the checkpoint 10"):
+        train(compose_cfg(two, tmp_path / "c"))
+
+
 @pytest.mark.parametrize("content", [b"", b"\x00garbage" * 100, "state_dict"])
 def test_a_bad_checkpoint_to_resume_is_one_line(content, tmp_path):
     path = tmp_path / "bad.ckpt"

@@ -48,7 +48,9 @@ def train(cfg: DictConfig) -> float:
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule)
     if ckpt_path:
-        check_resume(ckpt_path, datamodule.classes, bool(cfg.data.get("allow_class_mismatch")))
+        check_resume(
+            ckpt_path, cfg.model.backbone, datamodule.classes, bool(cfg.data.get("allow_class_mismatch"))
+        )
     if cfg.model.compile:
         if model.freeze_schedule.unfreezes:
             raise UserError(
@@ -182,10 +184,18 @@ def requeued_slurm_checkpoint(run_dir: Path) -> Path | None:
     return newest
 
 
-def check_resume(ckpt_path: str | Path, classes: list[str], allow_mismatch: bool) -> None:
-    """The checkpoint to resume loads safely and was trained on the same class names, in the same order."""
-    trained = load_checkpoint(ckpt_path)["hyper_parameters"].get("class_names")
-    check_class_names(trained, list(classes), allow_mismatch)
+def check_resume(ckpt_path: str | Path, backbone: str, classes: list[str], allow_mismatch: bool) -> None:
+    """The checkpoint to resume loads safely, holds the same backbone, and the same class names in order."""
+    hparams = load_checkpoint(ckpt_path)["hyper_parameters"]
+    trained = (hparams.get("model") or {}).get("backbone")
+    if trained is None:
+        raise UserError(f"{ckpt_path} is not a checkpoint of this visiontune version (no model.backbone)")
+    if trained != backbone:
+        raise UserError(
+            f"{ckpt_path} holds a {trained} model, this run builds {backbone}. "
+            f"Fix: model.backbone={trained}, or train {backbone} from scratch without ckpt_path"
+        )
+    check_class_names(hparams.get("class_names"), list(classes), allow_mismatch)
 
 
 def check_cpu_budget(model, datamodule, cfg: DictConfig, trainer: L.Trainer) -> None:
