@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import compose_cfg
 from omegaconf import OmegaConf
 from PIL import Image
-
-from helpers import compose_cfg
 
 from visiontune.cli import CONF_DIR
 from visiontune.data import (
