@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 from visiontune.errors import UserError
+from visiontune.preprocess import to_rgb
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLITS = ("train", "val", "test")
@@ -26,19 +27,12 @@ MAX_LISTED = 50  # bad files named one by one in a report; the rest are counted
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Any mode (L, RGBA, P, I;16, CMYK) to RGB, with EXIF orientation applied."""
+    """Any mode (L, RGBA, P, I;16, CMYK) to RGB, with EXIF orientation applied.
+
+    The conversion is `preprocess.to_rgb`, the same one a deployment runs from preprocess.json.
+    """
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float32)
-            arr = 255.0 * arr / max(float(arr.max()), 1.0)
-            img = Image.fromarray(arr.astype(np.uint8), mode="L")
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGB", img.size, (255, 255, 255))
-            background.paste(img, mask=img.getchannel("A"))
-            return background
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 class FileImageDataset(Dataset):
