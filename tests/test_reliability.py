@@ -242,6 +242,9 @@ def test_slurm_sigusr1_saves_an_hpc_checkpoint_and_the_requeued_job_resumes_from
     interrupt_in_epoch_1(proc, signal.SIGUSR1)
     hpc = list((tmp_path / "run").glob("hpc_ckpt_*.ckpt"))
     assert len(hpc) == 1 and ckpt(hpc[0])["epoch"] == 1
-    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    fresh = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 2 and "holds checkpoints of an earlier run" in fresh.stderr  # a new job
+    requeued = {**env, "SLURM_RESTART_COUNT": "1"}
+    again = subprocess.run(args, cwd=ROOT, env=requeued, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "was requeued: resuming from" in again.stderr + again.stdout

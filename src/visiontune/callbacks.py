@@ -1,7 +1,8 @@
 """The run's own Lightning callbacks: checkpoints that are always current, interrupts, progress lines.
 
-- `LastCheckpoint`: `last.ckpt` at the end of every epoch and of the run, whatever the monitor says
-  (Lightning's `save_last` only follows a new best).
+- `LastCheckpoint`: `last.ckpt` at the end of every epoch, whatever the monitor says (Lightning's
+  `save_last` only follows a new best). Lightning ends a run stopped by max_steps or early stopping
+  through the epoch-end hooks too, so the run's final state is always saved.
 - `SaveOnInterrupt`: SIGTERM, SIGINT or a crash mid-training saves a resumable checkpoint; an error
   before the first training step saves nothing (it is a setup error, not a lost run).
 - `ResumeMidEpoch`: the position within the epoch, in every checkpoint, so that resume is exact.
@@ -29,7 +30,7 @@ log = logging.getLogger("visiontune")
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """`checkpoints/last.ckpt`, rewritten at every epoch end and once more when training ends."""
+    """`checkpoints/last.ckpt`, rewritten at every epoch end (a run stopped early ends one too)."""
 
     def __init__(self, dirpath: Path):
         super().__init__(
@@ -40,11 +41,6 @@ class LastCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=True,
             enable_version_counter=False,
         )
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A run stopped between epoch ends (max_steps, early stop mid-epoch) still leaves its final state.
-        if trainer.global_step != self._last_global_step_saved and not trainer.sanity_checking:
-            self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
 
 
 INTERRUPTS = {SIGTERMException: signal.SIGTERM, KeyboardInterrupt: signal.SIGINT}
@@ -80,20 +76,30 @@ class SaveOnInterrupt(L.Callback):
         log.warning("SIGINT: stopping at the end of this batch (press Ctrl-C again to stop at once)")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._sigint_pending:
+        stop = self._sigint_pending
+        if trainer.world_size > 1:  # every rank stops at the same batch, or one waits in a collective forever
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
             raise KeyboardInterrupt
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._previous_sigint is not None:
+        if stage == "fit":
+            self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+        self._previous_sigint = None
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self.signal = next((s for t, s in INTERRUPTS.items() if isinstance(exception, t)), None)
+        self._restore_sigint()
         if isinstance(exception, UserError):  # bad input (a full disk, bad data): nothing to save, no advice
             return
+        if self.signal is None and trainer.world_size > 1:
+            return  # a crash on one rank: the other ranks would never join the save's barrier
         if trainer.global_step == 0 and trainer.fit_loop.epoch_loop.batch_progress.current.completed == 0:
             return  # nothing trained yet: a setup error, or an interrupt before the first step
         path = self.dirpath / ("interrupted.ckpt" if self.signal else "on_exception.ckpt")
@@ -141,6 +147,8 @@ class ResumeMidEpoch(L.Callback):
         self.completed = 0
 
     def state_dict(self) -> dict:
+        if self._resume_at:  # saved before training restarted (e.g. interrupted in the sanity check)
+            return {"completed": self._resume_at}
         # a checkpoint taken at an epoch's end (or at its validation) starts the next epoch from its top
         return {"completed": self.completed if self.completed < self._batches else 0}
 

@@ -111,7 +111,8 @@ class ImageClassifier(L.LightningModule):
     @lr.setter
     def lr(self, value: float) -> None:
         self.optimizer_cfg["lr"] = float(value)
-        self.hparams.optimizer = dict(self.optimizer_cfg)
+        # the stored hyperparameters keep their shape, so the checkpoint rebuilds this model
+        self.hparams.optim = {**(self.hparams.optim or {}), "optimizer": dict(self.optimizer_cfg)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -214,7 +215,11 @@ class ImageClassifier(L.LightningModule):
         sched = dict(self.scheduler_cfg)
         name = sched.pop("name", "none")
         total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, math.ceil(total / max(1, self.trainer.max_epochs or 1)))
+        # optimizer steps in one epoch (not total / max_epochs: max_steps may be what ends the run)
+        batches = self.trainer.num_training_batches
+        steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+        if not math.isfinite(batches):
+            steps_per_epoch = total
         warmup = int(sched.pop("warmup_steps", 0) or 0) + int(sched.pop("warmup_epochs", 0) * steps_per_epoch)
         plateau = {k: sched.pop(k) for k in ("patience", "factor", "threshold") if k in sched}
         strategy = self.freeze_schedule

@@ -173,8 +173,8 @@ def requeued_slurm_checkpoint(run_dir: Path) -> Path | None:
 
     The requeued job runs the same command in the same run dir, so this is what it continues from.
     """
-    if not SLURMEnvironment.detect():
-        return None
+    if not SLURMEnvironment.detect() or int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
+        return None  # a new job, not a requeued one: the run dir rules apply as everywhere
     ours = [run_dir / "checkpoints" / name for name in ("interrupted.ckpt", "last.ckpt")]
     found = [*run_dir.glob("hpc_ckpt_*.ckpt"), *(p for p in ours if p.is_file())]
     if not found:
@@ -208,7 +208,10 @@ def check_cpu_budget(model, datamodule, cfg: DictConfig, trainer: L.Trainer) -> 
         return
     datamodule.setup("fit")
     per_image = forward_seconds_per_image(model, datamodule.image_size)
-    epochs = int(cfg.trainer.max_epochs)
+    max_epochs = cfg.trainer.get("max_epochs")
+    epochs = (
+        int(max_epochs) if max_epochs is not None and int(max_epochs) > 0 else 1000
+    )  # Lightning's default
     train_images = len(datamodule.train_set) * epochs
     if (max_steps := int(cfg.trainer.get("max_steps") or -1)) > 0:
         train_images = min(train_images, max_steps * int(cfg.data.batch_size))
