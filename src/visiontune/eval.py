@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from visiontune import calibration, report
 from visiontune.build import checkpoint_datamodule, load_classifier
-from visiontune.checkpoints import load_checkpoint
+from visiontune.checkpoints import load_checkpoint, save_atomic
 from visiontune.cli import CONF_DIR, print_summary, run_cli
 from visiontune.inference import (
     check_class_names,
@@ -99,9 +97,7 @@ def calibrate(model, datamodule, test_logits, test_targets, cfg: DictConfig, run
     checkpoint = load_checkpoint(cfg.ckpt_path)
     checkpoint["hyper_parameters"]["temperature"] = fitted
     target = run_dir / "calibrated.ckpt"
-    tmp = target.with_name(target.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, target)
+    save_atomic(checkpoint, target)  # a full disk is one line, and no .tmp is left behind
     log.info(
         "temperature %.4f (from the validation split): val NLL %.4f -> %.4f, test ECE %.4f -> %.4f; wrote %s",
         fitted, result["val/nll_before"], result["val/nll_after"], result["test/ece_before"],

@@ -28,7 +28,14 @@ from visiontune.calibration import scaled_probs
 from visiontune.cli import CONF_DIR, print_summary, run_cli
 from visiontune.data.files import IMAGE_EXTENSIONS, check_image
 from visiontune.errors import UserError
-from visiontune.inference import cli_data_patch, item_name, pick_device, quiet_warnings, temperature_of
+from visiontune.inference import (
+    check_class_names,
+    cli_data_patch,
+    item_name,
+    pick_device,
+    quiet_warnings,
+    temperature_of,
+)
 from visiontune.preprocess import open_image
 
 log = logging.getLogger("visiontune")
@@ -203,7 +210,9 @@ def predict(cfg: DictConfig, patch: dict | None = None) -> dict:
     if split is None:
         dataset = FileInputs(files, datamodule.eval_transform())
         names = [str(p) for p in files]
-    else:
+    else:  # labelled data: its classes must be the checkpoint's, as for eval
+        allow = bool(patch.get("allow_class_mismatch", False))
+        check_class_names(model.hparams.get("class_names"), list(datamodule.classes), allow)
         datamodule.setup("test" if split == "test" else "fit")
         source = datamodule.test_set if split == "test" else datamodule.val_set
         dataset = SplitInputs(source)
