@@ -29,6 +29,7 @@ from visiontune.cli import CONF_DIR, print_summary, run_cli
 from visiontune.data.files import IMAGE_EXTENSIONS, check_image
 from visiontune.errors import UserError
 from visiontune.inference import (
+    Indexed,
     check_class_names,
     cli_data_patch,
     item_name,
@@ -107,14 +108,8 @@ class FileInputs(Dataset):
         return i, None, problem
 
 
-class SplitInputs(Dataset):
+class SplitInputs(Indexed):
     """A split of the checkpoint's data: (index, image tensor or None, error, target)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, i: int):
         item = self.dataset[i]
