@@ -20,12 +20,15 @@ def write_csv_dataset(root):
     return root / "list.csv"
 
 
-@pytest.mark.parametrize(("augment", "n", "grid"), [("basic", 5, (5, 1)), ("mixup", 10, (8, 2))])
+@pytest.mark.parametrize(
+    ("augment", "n", "grid"),
+    [("basic", 5, (5, 1)), ("mixup", 10, (8, 2)), ("augmix augment.jsd=true", 4, (3, 4))],  # jsd: 3 views a row
+)
 def test_preview_writes_a_grid_of_augmented_samples(tmp_path, capsys, augment, n, grid):
     out = tmp_path / "out" / "preview.png"
     csv_path = write_csv_dataset(tmp_path)
     main(["data=csv", f"data.root={csv_path}", "model=resnet18", "data.image_size=32",
-          f"augment={augment}", "--n", str(n), "--out", str(out)])  # fmt: skip
+          *f"augment={augment}".split(), "--n", str(n), "--out", str(out)])  # fmt: skip
     assert capsys.readouterr().out.strip() == str(out)
     with Image.open(out) as image:
         cols, rows = grid  # make_grid pads each 32 px tile by 2 px

@@ -40,15 +40,18 @@ def preview(overrides: list[str], n: int, out: Path) -> Path:
     order = torch.randperm(len(dataset)).tolist()
     samples = [s for s in (dataset[i] for i in order[: min(len(dataset), 2 * n)]) if s is not None][:n]
     images = torch.stack([image for image, _ in samples])
-    labels = torch.tensor([label for _, label in samples])
+    columns = GRID_COLUMNS
+    if images.ndim == 5:  # augment.jsd=true: one row per image (clean view, then its AugMix views)
+        columns = images.shape[1]
+        images = images.flatten(0, 1)
     mix = batch_mix(plain(cfg.augment), datamodule.num_classes)
-    if mix is not None and len(samples) > 1:
-        images, _ = mix(images, labels)
+    if mix is not None and len(samples) > 1:  # (task=multilabel|multitask labels are dicts: never mixed)
+        images, _ = mix(images, torch.tensor([label for _, label in samples]))
     mean = torch.tensor(datamodule.mean, dtype=images.dtype).view(1, -1, 1, 1)
     std = torch.tensor(datamodule.std, dtype=images.dtype).view(1, -1, 1, 1)
     images = (images * std + mean).clamp(0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(images, nrow=min(len(images), GRID_COLUMNS)), out)
+    save_image(make_grid(images, nrow=min(len(images), columns)), out)
     return out
 
 

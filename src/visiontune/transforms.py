@@ -3,6 +3,18 @@
 Eval: resize + centre crop (`crop_pct`), or a plain resize when `crop_pct` is 1 (small source images
 such as 28 px Fashion-MNIST must not lose their border). Train with `augment=none` is the eval
 transform exactly: a scale mismatch between train and eval costs points (docs/architecture.md).
+The eval transform is `eval_geometry` (to a uint8 RGB tensor at the model's size) followed by
+`normalise`: the robustness eval corrupts images between the two.
+
+AugMix views (`augment=augmix augment.jsd=true`): the train transform then returns, per image, a
+float tensor of shape (JSD_VIEWS, C, H, W) = (3, C, H, W), so a training batch is (B, 3, C, H, W):
+- view 0 is the image through the train transform without AugMix (the "clean" view: resize, flip,
+  normalisation), the same tensor that augment=flip gives for the same random state;
+- views 1 and 2 are two independent AugMix draws from that same resized and flipped image.
+The flip is drawn once per image, so the three views differ only by AugMix. The training step
+takes cross-entropy on view 0 plus `augment.jsd_weight` times the Jensen-Shannon divergence among
+the three views' predictions (Hendrycks et al., 2020). Batch-level MixUp / CutMix cannot be combined
+with it (validate.py refuses them).
 """
 
 from __future__ import annotations
@@ -30,9 +42,11 @@ PRESET_KEYS = {
     "autoaugment": ("hflip",),
     "random_erasing": ("hflip", "erasing_p"),
     "strong": ("scale", "hflip", "erasing_p"),
+    "augmix": ("hflip", "severity", "mixture_width", "all_ops", "jsd", "jsd_weight"),
 }
 PRESETS = tuple(PRESET_KEYS)
 COMMON_KEYS = ("name", "mixup_alpha", "cutmix_alpha")
+JSD_VIEWS = 3  # augment.jsd=true: views per image (clean, AugMix, AugMix); see the module docstring
 
 
 def interpolation_mode(name: str) -> v2.InterpolationMode:
@@ -52,19 +66,26 @@ def _to_float(mean, std) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
 
+def eval_geometry(size: int, interpolation: str, crop_pct: float) -> v2.Compose:
+    """The eval transform up to normalisation: a PIL image or uint8 tensor to a uint8 RGB (3, size, size)."""
+    return v2.Compose([v2.ToImage(), v2.RGB(), *_resize(size, crop_pct, interpolation_mode(interpolation))])
+
+
+def normalise(mean, std) -> v2.Compose:
+    """The end of the eval transform: uint8 (or float in [0, 1]) images, one or a batch, to normalised float."""
+    return v2.Compose(_to_float(mean, std))
+
+
 def eval_transform(size: int, mean, std, interpolation: str, crop_pct: float) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RGB(),
-            *_resize(size, crop_pct, interpolation_mode(interpolation)),
-            *_to_float(mean, std),
-        ]
-    )
+    return v2.Compose([*eval_geometry(size, interpolation, crop_pct).transforms, *_to_float(mean, std)])
 
 
-def train_transform(augment: dict, size: int, mean, std, interpolation: str, crop_pct: float) -> v2.Compose:
-    """The training transform of preset `augment["name"]`; its other keys tune the preset."""
+def train_transform(augment: dict, size: int, mean, std, interpolation: str, crop_pct: float):
+    """The training transform of preset `augment["name"]`; its other keys tune the preset.
+
+    A v2.Compose (image -> (C, H, W)), or with augment=augmix augment.jsd=true an AugMixViews
+    (image -> (JSD_VIEWS, C, H, W); see the module docstring).
+    """
     name = augment.get("name", "none")
     if name not in PRESET_KEYS:
         raise UserError(f"unknown augment preset '{name}'; choose one of {', '.join(PRESETS)}")
@@ -125,12 +146,38 @@ def train_transform(augment: dict, size: int, mean, std, interpolation: str, cro
     elif name == "strong":
         middle = rrc + flip + [v2.TrivialAugmentWide()]
         after = [v2.RandomErasing(p=augment.get("erasing_p", 0.25))]
+    elif name == "augmix":
+        middle = resize + flip
+        augmix = v2.AugMix(
+            severity=augment.get("severity", 3),
+            mixture_width=augment.get("mixture_width", 3),
+            all_ops=augment.get("all_ops", False),
+        )
+        if augment.get("jsd", False):
+            return AugMixViews(v2.Compose([v2.ToImage(), v2.RGB(), *middle]), augmix, normalise(mean, std))
+        middle = middle + [augmix]
     else:  # a preset in PRESET_KEYS without a branch here
         raise NotImplementedError(name)
     if name == "noise":  # noise is added in [0, 1] space, before normalisation
         tail = [v2.ToDtype(torch.float32, scale=True), *after, v2.Normalize(mean=list(mean), std=list(std))]
         return v2.Compose([v2.ToImage(), v2.RGB(), *middle, *tail])
     return v2.Compose([v2.ToImage(), v2.RGB(), *middle, *_to_float(mean, std), *after])
+
+
+class AugMixViews:
+    """Image -> (JSD_VIEWS, C, H, W): `base` once (decode, resize, flip), then the clean view and two
+    independent `augmix` views of that result, each through `finish` (normalisation)."""
+
+    def __init__(self, base, augmix, finish):
+        self.base, self.augmix, self.finish = base, augmix, finish
+
+    def __call__(self, image) -> torch.Tensor:
+        x = self.base(image)
+        views = [self.finish(x)] + [self.finish(self.augmix(x)) for _ in range(JSD_VIEWS - 1)]
+        return torch.stack([v.as_subclass(torch.Tensor) for v in views])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base={self.base}, augmix={self.augmix}, finish={self.finish})"
 
 
 def batch_mix(augment: dict, num_classes: int):
