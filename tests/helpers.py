@@ -134,3 +134,14 @@ def write_images(folder: Path, n: int, suffix: str = ".png", start: int = 0) -> 
         Image.fromarray(array).save(path)
         paths.append(path)
     return paths
+
+
+def make_fashion_tasks(out: Path, train: int, val: int, test: int) -> Path:
+    """scripts/make_fashion_tasks.py at a small size into `out` (multitask/ and mosaic/ CSVs and images)."""
+    result = subprocess.run(
+        [sys.executable, "scripts/make_fashion_tasks.py", "--out", str(out), "--train", str(train),
+         "--val", str(val), "--test", str(test)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import compose_cfg
+from helpers import compose_cfg, make_fashion_tasks
 from omegaconf import OmegaConf
 
 from visiontune.build import build_datamodule
@@ -125,6 +125,9 @@ def test_every_experiment_and_debug_overlay_runs(overlay, tmp_path):
                  "data.val_subset=16", "data.test_subset=16", "data.batch_size=8", "model.backbone=resnet18"]  # fmt: skip
     if overlay.startswith("experiment="):
         overrides.append("debug=fast")
+    csv_folder = {"experiment=fashion_mnist_multitask": "multitask", "experiment=fashion_mnist_mosaic": "mosaic"}
+    if overlay in csv_folder:  # their CSVs and images come from scripts/make_fashion_tasks.py
+        overrides.append(f"data.root={make_fashion_tasks(tmp_path / 'tasks', 32, 16, 16) / csv_folder[overlay]}")
     else:
         overrides += ["trainer.max_epochs=1"] if overlay != "debug=fast" else []
     cfg = compose_cfg(overrides, tmp_path)

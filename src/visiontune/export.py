@@ -13,6 +13,10 @@ deployed path against PyTorch. export.json also splits it: `model_max_abs_diff` 
 vs PyTorch on identical inputs) and `preprocess_max_abs_diff` (deployer vs training preprocessing,
 in grey levels). Both probability differences must be at most `tolerance` (1e-4), or nothing is written.
 
+A multilabel or multitask checkpoint exports the same way: the heads' outputs side by side (softmax per
+multiclass head, sigmoid per label), and preprocess.json's `task` names each head's slice, classes and
+(multilabel) thresholds.
+
 Every file goes to a temporary name first and is renamed only when the check has passed.
 """
 
@@ -30,6 +34,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from visiontune import tasks
 from visiontune.build import checkpoint_datamodule, load_classifier
 from visiontune.cli import CONF_DIR, run_cli
 from visiontune.errors import UserError
@@ -59,11 +64,14 @@ class Deployable(nn.Module):
         super().__init__()
         self.net = nn.Sequential(model.backbone, model.head)
         self.temperature, self.output = float(temperature), output
+        self.heads = model.objective.heads if getattr(model, "objective", None) is not None else None
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.net(image)
         if self.output == "logits":
             return logits
+        if self.heads is not None:  # multilabel / multitask: each head's own probabilities
+            return tasks.probabilities(logits, self.heads, self.temperature)
         return torch.softmax(logits / self.temperature, dim=-1)
 
 
@@ -133,12 +141,18 @@ def parity_check(runner: Runner, model: nn.Module, spec: dict, images, eval_tran
     deployed = np.stack([preprocess_image(image, spec) for image in images])
     trained = torch.stack([eval_transform(image) for image in images])
     temperature = spec["temperature"]
+
+    def probs(logits: np.ndarray) -> np.ndarray:
+        if spec.get("task"):  # multilabel / multitask: each head's own
+            return tasks.deployed_probabilities(logits, spec)
+        return softmax(logits, temperature)
+
     exported = runner(deployed)
     if spec["output"] == "logits":
-        exported = softmax(exported, temperature)
+        exported = probs(exported)
     with torch.inference_mode():
-        same_inputs = (model(torch.from_numpy(deployed)) / temperature).softmax(-1).numpy()
-        reference = (model(trained) / temperature).softmax(-1).numpy()
+        same_inputs = probs(model(torch.from_numpy(deployed)).numpy())
+        reference = probs(model(trained).numpy())
     std = np.asarray(spec["std"], dtype=np.float32).reshape(1, -1, 1, 1)
     return {
         "max_abs_diff": float(np.abs(exported - reference).max()),
@@ -171,6 +185,8 @@ def export(cfg: DictConfig, patch: dict | None = None) -> dict:
     spec = make_spec(datamodule.image_size, datamodule.crop_pct, datamodule.interpolation, datamodule.mean,
                      datamodule.std, class_names, temperature, cfg.output,
                      backbone=str(model.hparams.model.get("backbone", "")))  # fmt: skip
+    if model.objective is not None:  # multilabel / multitask: the heads' slices, classes, thresholds
+        spec["task"] = tasks.task_spec(model.hparams.task, model.head.thresholds)
     if datamodule.interpolation not in INTERPOLATIONS:
         raise UserError(
             f"interpolation {datamodule.interpolation}: preprocess.json readers reproduce only "

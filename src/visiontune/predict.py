@@ -8,6 +8,11 @@ accuracy is eval's test/acc exactly: the same images through the same transform 
 A file that is not a readable image becomes a row with the reason in `error`; the other files are
 still predicted and the exit code is 0. Probabilities are softmax(logits / temperature) with the
 checkpoint's temperature (eval calibrate=true stores one).
+
+A multilabel or multitask checkpoint writes one column group per head instead: `label,prob` for a
+multiclass head, `labels,probs` (the labels at or above their thresholds, `|`-separated, most probable
+first) for a multilabel one, named `<head>/label` etc. for multitask (plus `target,correct` for a split;
+for a multilabel head `correct` means the exact set).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from visiontune import tasks
 from visiontune.build import checkpoint_datamodule, load_classifier
 from visiontune.calibration import scaled_probs
 from visiontune.cli import CONF_DIR, print_summary, run_cli
@@ -115,7 +121,7 @@ class SplitInputs(Indexed):
         item = self.dataset[i]
         if item is None:
             return i, None, "unreadable image", -1
-        return i, item[0], "", int(item[1])
+        return i, item[0], "", item[1] if isinstance(item[1], dict) else int(item[1])
 
 
 def _collate(batch):
@@ -124,11 +130,18 @@ def _collate(batch):
 
 @torch.inference_mode()
 def predict_probs(model, images: torch.Tensor, temperature: float, tta: str = "none") -> torch.Tensor:
-    """softmax(logits / T) for a batch; with tta=flip, the mean over the image and its mirror."""
-    probs = scaled_probs(model(images), temperature)
+    """softmax(logits / T) for a batch (each head's own for a task); with tta=flip, the mean over the
+    image and its mirror."""
+    probs = output_probs(model, model(images), temperature)
     if tta == "flip":
-        probs = (probs + scaled_probs(model(images.flip(-1)), temperature)) / 2
+        probs = (probs + output_probs(model, model(images.flip(-1)), temperature)) / 2
     return probs.float().cpu()
+
+
+def output_probs(model, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if getattr(model, "objective", None) is not None:  # multilabel / multitask
+        return tasks.probabilities(logits, model.objective.heads, temperature)
+    return scaled_probs(logits, temperature)
 
 
 def prediction_columns(k: int, with_target: bool) -> list[str]:
@@ -141,8 +154,9 @@ def prediction_columns(k: int, with_target: bool) -> list[str]:
 
 
 def run_predictions(model, dataset, names: list[str], class_names, temperature, topk, tta, batch_size,
-                    num_workers, device) -> list[dict]:  # fmt: skip
-    """One row per item of `dataset` (FileInputs or SplitInputs), in order."""
+                    num_workers, device, spec: dict | None = None) -> list[dict]:  # fmt: skip
+    """One row per item of `dataset` (FileInputs or SplitInputs), in order; `spec` (tasks.task_spec)
+    for a multilabel or multitask model."""
     k = min(topk, len(class_names))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     rows: list[dict] = []
@@ -156,6 +170,13 @@ def run_predictions(model, dataset, names: list[str], class_names, temperature, 
         position = {j: n for n, j in enumerate(good)}
         for j, i in enumerate(index):
             row = {"path": names[i], "error": errors[j]}
+            if spec is not None:
+                if j in position:
+                    row.update(tasks.prediction_cells(probs[position[j]], spec))
+                if targets is not None and isinstance(targets[j], dict):
+                    row.update(tasks.target_cells(targets[j], spec, row if j in position else None))
+                rows.append(row)
+                continue
             if j in position:
                 p = probs[position[j]]
                 top_p, top_i = p.topk(k)
@@ -212,15 +233,22 @@ def predict(cfg: DictConfig, patch: dict | None = None) -> dict:
         source = datamodule.test_set if split == "test" else datamodule.val_set
         dataset = SplitInputs(source)
         names = [item_name(source, i, split) for i in range(len(source))]
+    spec = tasks.task_spec(model.hparams.task, model.head.thresholds) if model.objective is not None else None
     rows = run_predictions(model, dataset, names, class_names, temperature, int(cfg.topk), cfg.tta,
-                           batch_size, int(cfg.num_workers), device)  # fmt: skip
+                           batch_size, int(cfg.num_workers), device, spec)  # fmt: skip
     k = min(int(cfg.topk), len(class_names))
-    write_rows(rows, prediction_columns(k, split is not None), run_dir / "predictions.csv")
+    columns = prediction_columns(k, split is not None)
+    if spec is not None:
+        columns = ["path", *tasks.head_columns(spec, split is not None), "error"]
+    write_rows(rows, columns, run_dir / "predictions.csv")
     errors = sum(1 for r in rows if r["error"])
     summary = {"images": len(rows) - errors, "errors": errors, "temperature": temperature}
-    judged = [r["correct"] for r in rows if "correct" in r]
-    if judged:
-        summary[f"{split}/acc"] = sum(judged) / len(judged)
+    for column in [c for c in columns if c.endswith("correct")]:  # correct, or <head>/correct
+        judged = [r[column] for r in rows if column in r]
+        head = column[: -len("correct")]
+        if judged:  # a multilabel head is correct on the exact set of labels
+            name = "exact_match" if f"{head}labels" in columns else "acc"
+            summary[f"{split}/{head}{name}"] = sum(judged) / len(judged)
     for row in rows:
         if row["error"]:
             log.warning("skipped %s: %s", row["path"], row["error"])

@@ -270,3 +270,83 @@ def per_class_markdown(rows: list[dict]) -> str:
         for r in rows
     ]
     return "\n".join([head, *body])
+
+
+# -- multilabel and multitask checkpoints (task=multilabel|multitask): a table per head and label
+PER_LABEL_COLUMNS = ("head", "label", "support", "ap", "threshold", "precision", "recall", "f1")
+
+
+def label_counts(decided: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, F1) per column of 0/1 arrays (N, C), 0 where undefined."""
+    tp = (decided & truth).sum(0).astype(np.float64)
+    predicted, support = decided.sum(0), truth.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    return precision, recall, np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+
+
+def per_label_rows(probs: torch.Tensor, targets: dict, heads: list, thresholds: torch.Tensor) -> list[dict]:
+    """One row per class of a multiclass head (precision, recall, F1 of the argmax) and per label of a
+    multilabel head (also AP and the threshold); images without the head's label are left out."""
+    from visiontune.tasks import MISSING, average_precisions
+
+    rows = []
+    for h in heads:
+        p, t = probs[:, h.start : h.stop].float(), targets[h.name]
+        if h.kind == "multiclass":
+            known = t.long() != MISSING
+            cm = confusion_matrix(p[known].argmax(1), t.long()[known], len(h.classes))
+            for r in per_class_rows(cm, list(h.classes)):
+                rows.append({"head": h.name, "label": r["class"], "support": r["support"], "ap": math.nan,
+                             "threshold": math.nan, "precision": r["precision"], "recall": r["recall"], "f1": r["f1"]})  # fmt: skip
+            continue
+        known = (t != MISSING).all(1)
+        p, t = p[known], t[known]
+        thr = thresholds[h.start : h.stop].cpu()
+        decided, truth = (p >= thr).numpy(), (t == 1).numpy()
+        precision, recall, f1 = label_counts(decided, truth)
+        ap = average_precisions(p, t).tolist()
+        for j, label in enumerate(h.classes):
+            rows.append({"head": h.name, "label": label, "support": int(truth[:, j].sum()), "ap": float(ap[j]),
+                         "threshold": float(thr[j]), "precision": float(precision[j]), "recall": float(recall[j]),
+                         "f1": float(f1[j])})  # fmt: skip
+    return rows
+
+
+def write_per_label_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=PER_LABEL_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if math.isnan(v) else f"{v:.4f}") if isinstance(v, float) else v
+                             for k, v in row.items()})  # fmt: skip
+
+
+def write_task_report_md(path: Path, metrics: dict, rows: list[dict], ckpt_path: str) -> None:
+    """report.md of a multilabel or multitask checkpoint: the headline metrics and the per-label table."""
+    headline = {k: v for k, v in sorted(metrics.items()) if isinstance(v, int | float) and "/ap/" not in k}
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Checkpoint: `{ckpt_path}`",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {_fmt(v)} |" for k, v in headline.items()],
+        "",
+        "Files: [metrics.json](metrics.json), [per_label.csv](per_label.csv).",
+        "",
+        "## Per head and label",
+        "",
+        "| head | label | support | AP | threshold | precision | recall | F1 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        *[f"| {r['head']} | {r['label']} | {r['support']} | {_cell(r['ap'])} | {_cell(r['threshold'])} | "
+          f"{r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} |" for r in rows],
+        "",
+    ]  # fmt: skip
+    path.write_text("\n".join(lines))
+
+
+def _cell(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"

@@ -3,6 +3,8 @@
 - `POST /predict`: one image, as the raw request body (any content type) or as a file in a
   multipart form. Answers `{"label", "prob", "topk": [{"label", "prob"}, ...]}`, probabilities
   being softmax(logits / temperature) with the model's temperature.
+  A multilabel model answers `{"labels": [{"label", "prob"}, ...], "probs": {label: prob}}` (the labels
+  at or above their thresholds), a multitask one `{"heads": {<head>: <its answer>}}`.
 - `GET /health`: `{"status": "ok", ...}` with request and batch counters.
 - Requests that arrive together are run as one batch: up to `max_batch_size` images, collected for
   at most `batch_timeout` seconds after the first one (a small asyncio queue in front of one model
@@ -61,10 +63,17 @@ class TorchPredictor:
         if not self.class_names:
             self.class_names = [str(i) for i in range(self.model.hparams.num_classes)]
         self.source = str(ckpt_path)
+        self.task = None  # multilabel / multitask: tasks.task_spec, and answers per head
+        if self.model.objective is not None:
+            from visiontune.tasks import task_spec
+
+            self.task = task_spec(self.model.hparams.task, self.model.head.thresholds.cpu())
 
     def __call__(self, images: list) -> np.ndarray:
         batch = torch.stack([self.transform(image) for image in images]).to(self.device)
         with torch.inference_mode():
+            if self.task is not None:
+                return self.model.probabilities(self.model(batch).float()).cpu().numpy()
             return (self.model(batch).float() / self.temperature).softmax(-1).cpu().numpy()
 
 
@@ -90,6 +99,7 @@ class OnnxPredictor:
         self.input_name = self.session.get_inputs()[0].name
         self.class_names = list(self.spec["class_names"])
         self.temperature = float(self.spec.get("temperature", 1.0))
+        self.task = self.spec.get("task")
         self.source = str(path)
 
     def __call__(self, images: list) -> np.ndarray:
@@ -97,7 +107,13 @@ class OnnxPredictor:
 
         batch = np.stack([preprocess_image(image, self.spec) for image in images])
         out = self.session.run(None, {self.input_name: batch})[0]
-        return out if self.spec["output"] == "probabilities" else softmax(out, self.temperature)
+        if self.spec["output"] == "probabilities":
+            return out
+        if self.task is not None:
+            from visiontune.tasks import deployed_probabilities
+
+            return deployed_probabilities(out, self.spec)
+        return softmax(out, self.temperature)
 
 
 class MicroBatcher:
@@ -255,6 +271,7 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
             "model": predictor.source,
             "classes": len(names),
             "temperature": predictor.temperature,
+            "task": (getattr(predictor, "task", None) or {}).get("name", "multiclass"),
             "max_batch_size": batcher.max_batch_size,
             "requests": batcher.items,
             "batches": batcher.batches,
@@ -285,6 +302,10 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
         except Exception as exc:  # noqa: BLE001 - the model failed on this image: a JSON 500, not a crash
             log.exception("prediction failed")
             return JSONResponse({"error": f"prediction failed ({type(exc).__name__})"}, status_code=500)
+        if getattr(predictor, "task", None):  # multilabel / multitask
+            from visiontune.tasks import describe
+
+            return describe(probs, predictor.task, k)
         order = np.argsort(-probs, kind="stable")[:k]
         top = [{"label": names[i], "prob": float(probs[i])} for i in order]
         return {"label": top[0]["label"], "prob": top[0]["prob"], "topk": top}

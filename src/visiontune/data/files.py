@@ -216,3 +216,158 @@ def csv_files(root: Path) -> dict[str, Path]:
             "(and optional val.csv, test.csv)"
         )
     return {split: root / f"{split}.csv" for split in SPLITS if (root / f"{split}.csv").is_file()}
+
+
+# -- multilabel and multitask CSVs (task=multilabel|multitask)
+class TaskImageDataset(FileImageDataset):
+    """Image files with a dict of targets per image ({head: class index or 0/1 vector}, -1 = missing)."""
+
+    def __init__(self, paths: list[str], targets: list[dict], transform=None):
+        self.paths, self.targets, self.transform = paths, targets, transform
+
+    def __getitem__(self, i: int):
+        try:
+            image = load_image(self.paths[i])
+        except Exception as exc:
+            warnings.warn(f"skipping unreadable image {self.paths[i]}: {exc}", stacklevel=1)
+            return None
+        target = {k: torch.as_tensor(v) for k, v in self.targets[i].items()}
+        return (self.transform(image) if self.transform else image), target
+
+
+def _csv_rows(csv_path: Path) -> list[list[str]]:
+    """The non-blank rows of a CSV, cells stripped."""
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path} does not exist. Fix: data.root=/path/to/train.csv")
+    rows = []
+    for row in csv.reader(io.StringIO(read_utf8(csv_path), newline="")):
+        cells = [c.strip() for c in row]
+        if any(cells):
+            rows.append(cells)
+    return rows
+
+
+def _is_header(csv_path: Path, row: list[str]) -> bool:
+    return not Path(row[0]).suffix and not (csv_path.parent / row[0]).is_file()
+
+
+def read_task_csv(csv_path: Path, heads: list[dict], sep: str, multitask: bool) -> tuple[list[str], dict]:
+    """(paths, {head: one value per image}) of a multilabel or multitask CSV.
+
+    A value is a class name ("" = missing) for a multiclass head, and a list of label names for a
+    multilabel head (None = missing). multitask: the header names the columns, the first is the path,
+    and an empty cell is a missing label. multilabel: `path,labels` with the labels separated by `sep`
+    (an empty cell: none of the labels), or a header `path,<label>,<label>,...` with one 0/1 column per label.
+    """
+    rows = _csv_rows(csv_path)
+    header = rows[0] if rows and _is_header(csv_path, rows[0]) else None
+    body = rows[1:] if header else rows
+    if not body:
+        raise UserError(f"{csv_path} lists no images. Expected a header line and lines of `path,<labels>`")
+    width = len(header or body[0])
+    for line, row in enumerate(body, start=2 if header else 1):
+        if len(row) != width or not row[0]:
+            raise UserError(f"{csv_path} line {line}: expected {width} cells with a path first, got {row!r}")
+    paths = [str(csv_path.parent / row[0]) for row in body]
+    if not multitask:
+        if width == 2:
+            return paths, {
+                heads[0]["name"]: [[x.strip() for x in row[1].split(sep) if x.strip()] for row in body]
+            }
+        if header is None:
+            raise UserError(
+                f"{csv_path} has {width} columns but no header: one 0/1 column per label needs a header "
+                "`path,<label>,<label>,...`; or use two columns `path,labels` with the labels separated by |"
+            )
+        return paths, {heads[0]["name"]: [_one_hot_labels(csv_path, header, row, line)
+                                          for line, row in enumerate(body, start=2)]}  # fmt: skip
+    if header is None:
+        raise UserError(f"{csv_path} has no header: task=multitask needs one naming the columns (path first)")
+    values = {}
+    for h in heads:
+        column = h.get("column") or h["name"]
+        if column not in header[1:]:
+            raise UserError(
+                f"{csv_path} has no column '{column}' for head {h['name']}; its columns are {header[1:]}. "
+                "Fix: the head's column, or the CSV header"
+            )
+        cells = [row[header.index(column)] for row in body]
+        if h.get("kind", "multiclass") == "multilabel":
+            values[h["name"]] = [[x.strip() for x in c.split(sep) if x.strip()] if c else None for c in cells]
+        else:
+            values[h["name"]] = cells
+    return paths, values
+
+
+def _one_hot_labels(csv_path: Path, header: list[str], row: list[str], line: int) -> list[str]:
+    bad = [c for c in row[1:] if c not in ("0", "1", "")]
+    if bad:
+        raise UserError(f"{csv_path} line {line}: label columns hold 0 or 1, got {bad[:3]}")
+    return [name for name, cell in zip(header[1:], row[1:], strict=True) if cell == "1"]
+
+
+def one_hot_columns(csv_path: Path) -> list[str] | None:
+    """The label columns of a 0/1-column multilabel CSV (in header order), or None for `path,labels`."""
+    rows = _csv_rows(csv_path)
+    if rows and len(rows[0]) > 2 and _is_header(csv_path, rows[0]):
+        return rows[0][1:]
+    return None
+
+
+def task_classes(csv_path: Path, heads: list[dict], sep: str, multitask: bool) -> list[dict]:
+    """`heads` with their `classes`: the sorted names found in the training CSV (the header's order for
+    0/1 columns). A head whose column holds no label at all is a UserError."""
+    _, values = read_task_csv(csv_path, heads, sep, multitask)
+    columns = None if multitask else one_hot_columns(csv_path)
+    out = []
+    for h in heads:
+        cells = values[h["name"]]
+        if h.get("kind", "multiclass") == "multilabel":
+            found = sorted({label for labels in cells if labels for label in labels})
+            classes = columns if columns is not None else found
+        else:
+            classes = found = sorted({c for c in cells if c})
+        if not found:
+            raise UserError(
+                f"{csv_path}: head {h['name']} (column '{h.get('column') or h['name']}') has no labels at all. "
+                "Fill in its column, or remove the head"
+            )
+        out.append({**h, "classes": list(classes)})
+    return out
+
+
+def encode_targets(csv_path: Path, values: dict, heads: list[dict], train: str) -> list[dict]:
+    """Per image {head: class index (-1 missing) or 0/1 float vector (all -1 missing)}; a label that is
+    not one of the head's classes (named in the training CSV) is a UserError."""
+    n = len(next(iter(values.values())))
+    targets = [{} for _ in range(n)]
+    for h in heads:
+        classes = list(h["classes"])
+        index = {c: i for i, c in enumerate(classes)}
+        cells = values[h["name"]]
+        named = {c for c in cells if c} if h.get("kind", "multiclass") == "multiclass" else {
+            label for labels in cells if labels for label in labels}  # fmt: skip
+        unknown = sorted(named - set(classes))
+        if unknown:
+            raise UserError(
+                f"{csv_path} names labels of head {h['name']} that are not in {train}: {unknown[:10]}. "
+                f"Fix the names, or add them to {train}"
+            )
+        for target, cell in zip(targets, cells, strict=True):
+            if h.get("kind", "multiclass") == "multiclass":
+                target[h["name"]] = np.int64(index[cell] if cell else -1)
+            elif cell is None:
+                target[h["name"]] = np.full(len(classes), -1.0, dtype=np.float32)
+            else:
+                vector = np.zeros(len(classes), dtype=np.float32)
+                vector[[index[c] for c in cell]] = 1.0
+                target[h["name"]] = vector
+    return targets
+
+
+def scan_task_csv(csv_path: Path, strict: bool, heads: list[dict], sep: str, multitask: bool,
+                  train: str = "the training CSV") -> tuple[list[str], list[dict]]:  # fmt: skip
+    """(paths, targets) of a multilabel or multitask CSV; bad files are reported, then skipped or fatal."""
+    paths, values = read_task_csv(csv_path, heads, sep, multitask)
+    targets = encode_targets(csv_path, values, heads, train)
+    return drop_bad_files(paths, targets, csv_path, strict)
