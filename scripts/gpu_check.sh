@@ -19,3 +19,8 @@ m = json.load(open(sys.argv[1]))
 print(f"{sys.argv[2]:>10}: test/acc {m['test/acc']:.4f}  fit {m['train_time_s']:.1f} s  {m['images_per_s']:.0f} img/s")
 PYEOF
 done
+# The benchmark (scripts/benchmark.py) on CUDA with bf16-mixed and channels_last: framework overhead,
+# loader efficiency (in memory, JPEG folder with and without data.cache), feature cache, frozen prefix.
+"$PY" scripts/benchmark.py --device cuda --precision bf16-mixed --channels-last --only a,b,c,d \
+  --out "$out/benchmark_cuda.json" >"$out/benchmark.log" 2>&1 && tail -n 15 "$out/benchmark.log" \
+  || echo "benchmark: FAILED (see $out/benchmark.log)"

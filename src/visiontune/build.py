@@ -16,6 +16,7 @@ from visiontune.cli import plain
 from visiontune.data import ImageDataModule
 from visiontune.errors import UserError
 from visiontune.module import ImageClassifier
+from visiontune.structure import apply_structure
 from visiontune.transforms import batch_mix, eval_transform
 
 NO_AUGMENT = {"name": "none"}
@@ -23,9 +24,9 @@ NO_AUGMENT = {"name": "none"}
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
     """The run's data, with transforms from the backbone's pretrained config."""
-    return ImageDataModule(
-        plain(cfg.data), plain(cfg.augment), backbone_data_config(cfg.model.backbone), seed=cfg.seed
-    )
+    task = plain(cfg.task) if cfg.get("task") else None
+    config = backbone_data_config(cfg.model.backbone)
+    return ImageDataModule(plain(cfg.data), plain(cfg.augment), config, seed=cfg.seed, task=task)
 
 
 def build_model(cfg: DictConfig, datamodule: ImageDataModule) -> ImageClassifier:
@@ -44,8 +45,11 @@ def build_model(cfg: DictConfig, datamodule: ImageDataModule) -> ImageClassifier
         monitor=plain(cfg.callbacks.checkpoint),
         seed=cfg.seed,
         class_weights=weights.tolist() if weights is not None else None,
+        task=datamodule.task_hparams(),  # None for multiclass; else the task with each head's classes
     )
     model.mix = batch_mix(plain(cfg.augment), datamodule.num_classes)
+    if cfg.augment.get("jsd"):
+        model.jsd_weight = float(cfg.augment.get("jsd_weight", 12.0))
     return model
 
 
@@ -59,6 +63,8 @@ def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
     hparams = dict(checkpoint["hyper_parameters"])
     hparams["model"] = {**hparams["model"], "pretrained": False}
     model = ImageClassifier(**hparams)
+    if checkpoint.get("structure"):  # a pruned model (compress method=prune): its narrower layers
+        apply_structure(model, checkpoint["structure"], checkpoint["state_dict"])
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:
@@ -72,8 +78,9 @@ def checkpoint_datamodule(model: ImageClassifier, patch: dict | None = None) -> 
     """The data a checkpoint was trained on (with `patch` over its data config), without augmentation."""
     data = {**model.hparams.data, **(patch or {})}
     return ImageDataModule(
-        data, NO_AUGMENT, backbone_data_config(model.hparams.model["backbone"]), seed=model.hparams.seed
-    )
+        data, NO_AUGMENT, backbone_data_config(model.hparams.model["backbone"]), seed=model.hparams.seed,
+        task=model.hparams.get("task"),
+    )  # fmt: skip
 
 
 def checkpoint_eval_transform(model: ImageClassifier):

@@ -1,9 +1,12 @@
-"""`python -m visiontune.eval ckpt_path=PATH [data.<key>=...] [calibrate=true]`: test a checkpoint and report.
+"""`python -m visiontune.eval ckpt_path=PATH [data.<key>=...] [calibrate=true] [robustness=true]`: test a
+checkpoint and report.
 
 The checkpoint carries its backbone, class names and data config, so nothing but the file is needed;
 each `data.<key>=value` given on the command line patches the stored data config (e.g. a new root).
 Into the run dir: metrics.json, per_class.csv, confusion_matrix.png, reliability.png, mistakes.png,
-report.md and, with calibrate=true, calibrated.ckpt (the same checkpoint with the fitted temperature).
+report.md and, with calibrate=true, calibrated.ckpt (the same checkpoint with the fitted temperature);
+with robustness=true, robustness.csv and robustness.png (accuracy under 10 corruptions x 5 severities,
+robustness.py) and robust/* in metrics.json.
 
 test/acc and test/loss are computed exactly as the module's test_step logs them (raw logits), so they
 equal what training reported for the same checkpoint; test/nll and test/ece use the temperature.
@@ -18,10 +21,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from visiontune import calibration, report
+from visiontune import calibration, report, robustness, tasks
 from visiontune.build import checkpoint_datamodule, load_classifier
 from visiontune.checkpoints import load_checkpoint, save_atomic
 from visiontune.cli import CONF_DIR, print_summary, run_cli
+from visiontune.errors import UserError
 from visiontune.inference import (
     check_class_names,
     cli_data_patch,
@@ -35,7 +39,7 @@ from visiontune.validate import validate_eval_config
 
 log = logging.getLogger("visiontune")
 SUMMARY = ("test/acc", "test/top5", "test/macro_f1", "test/loss", "test/nll", "test/ece", "temperature",
-           "val/nll_before", "val/nll_after", "test/ece_after")  # fmt: skip
+           "val/nll_before", "val/nll_after", "test/ece_after", "robust/clean_acc", "robust/mean_acc")  # fmt: skip
 
 
 def evaluate(cfg: DictConfig, patch: dict | None = None) -> dict:
@@ -55,6 +59,8 @@ def evaluate(cfg: DictConfig, patch: dict | None = None) -> dict:
     check_class_names(model.hparams.get("class_names"), list(datamodule.classes), allow)
     class_names = list(model.hparams.get("class_names") or datamodule.classes)
     datamodule.setup("test")
+    if model.objective is not None:  # task=multilabel|multitask: per-head metrics and per_label.csv
+        return evaluate_task(model, datamodule, cfg, run_dir)
     loader = indexed_loader(datamodule.test_set, like=datamodule.test_dataloader())
     logits, targets, indices = collect_logits(model, loader)
     temperature = temperature_of(model)
@@ -65,6 +71,10 @@ def evaluate(cfg: DictConfig, patch: dict | None = None) -> dict:
     if cfg.calibrate:
         fitted = calibrate(model, datamodule, logits, targets, cfg, run_dir)
         metrics.update(fitted)
+    if cfg.get("robustness"):
+        subset, seed = cfg.get("robustness_subset"), int(cfg.get("robustness_seed") or 0)
+        like = datamodule.test_dataloader()
+        metrics.update(robustness.run_robustness(model, datamodule, subset, seed, run_dir, like=like))
     if cfg.report.enabled:
         write_report(run_dir, metrics, logits, targets, indices, datamodule, class_names, fitted, cfg)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -137,6 +147,30 @@ def write_report(run_dir, metrics, logits, targets, indices, datamodule, class_n
         calib = {"temperature": fitted["temperature_fitted"], **fitted}
     confusions = report.top_confusions(cm, class_names)
     report.write_report_md(run_dir / "report.md", metrics, rows, confusions, calib, str(cfg.ckpt_path))
+
+
+def evaluate_task(model, datamodule, cfg: DictConfig, run_dir: Path) -> dict:
+    """A multilabel or multitask checkpoint: the test metrics exactly as its test_step logs them
+    (tasks.head_scores, at the checkpoint's thresholds), per_label.csv and report.md."""
+    task = model.hparams.task["name"]
+    for key in ("calibrate", "robustness"):
+        if cfg.get(key):
+            raise UserError(
+                f"{key}=true is for multiclass checkpoints; this one is task={task}. Fix: {key}=false"
+            )
+    loader = indexed_loader(datamodule.test_set, like=datamodule.test_dataloader())
+    logits, targets, _ = tasks.collect_outputs(model, loader)
+    heads, thresholds = model.objective.heads, model.head.thresholds.cpu()
+    metrics = tasks.head_scores(logits, targets, heads, thresholds, "test", per_label=True)
+    metrics.update({"test/images": len(logits), "ckpt_path": str(cfg.ckpt_path), "task": task})
+    if cfg.report.enabled:
+        rows = report.per_label_rows(tasks.probabilities(logits, heads), targets, heads, thresholds)
+        report.write_per_label_csv(rows, run_dir / "per_label.csv")
+        report.write_task_report_md(run_dir / "report.md", metrics, rows, str(cfg.ckpt_path))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    shown = [k for k in metrics if k.startswith("test/") and "/ap/" not in k]
+    print_summary(metrics, run_dir, keys=tuple(sorted(shown)))
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

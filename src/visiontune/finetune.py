@@ -210,9 +210,13 @@ def select_groups(names: list[str], groups: str | int | list[int] | None, patter
 SCHEDULES = {cls.name: cls for cls in (Full, LinearProbe, FreezeUnfreeze, Gradual, FreezeGroups)}
 
 
+# keys of the finetune group read by the frozen-feature cache (visiontune.features), not by a schedule
+CACHE_KEYS = ("cache_features", "cache_views", "cache_dir")
+
+
 def create_schedule(cfg: dict, group_names: list[str]) -> FreezeSchedule:
     """The schedule of the `finetune` config group (every key of the group is its argument)."""
-    kwargs = dict(cfg)
+    kwargs = {k: v for k, v in cfg.items() if k not in CACHE_KEYS}
     name = kwargs.pop("name", "full")
     if name not in SCHEDULES:
         raise UserError(f"unknown fine-tuning strategy finetune={name}; choose one of {', '.join(SCHEDULES)}")

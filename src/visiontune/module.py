@@ -15,24 +15,15 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from visiontune import tasks
 from visiontune.backbones import create_backbone
 from visiontune.finetune import create_schedule
+from visiontune.losses import distillation_loss, jsd_consistency
 from visiontune.param_groups import build_param_groups, describe_lrs
 from visiontune.schedules import lr_factor, plateau_update
+from visiontune.tasks import make_head
 
 log = logging.getLogger(__name__)
-
-
-def make_head(
-    num_features: int, num_classes: int, dropout: float = 0.0, hidden: int | None = None
-) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
-    if hidden:
-        layers += [nn.Linear(num_features, hidden), nn.ReLU(inplace=True)]
-        layers += [nn.Dropout(dropout)] if dropout > 0 else []
-        num_features = hidden
-    layers.append(nn.Linear(num_features, num_classes))
-    return nn.Sequential(*layers)
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -58,7 +49,9 @@ class ImageClassifier(L.LightningModule):
     channels_last), `optim` (the optimizer, scheduler and finetune config groups), `data` (kept so
     that eval, predict and export rebuild the same preprocessing), `monitor` (the checkpoint's metric
     and mode, which scheduler=plateau follows). `class_names` are checked by eval and resume.
-    `temperature` scales the logits of `predict_proba` (set by calibration).
+    `temperature` scales the logits of `predict_proba` (set by calibration). `task` (None = multiclass)
+    is a multilabel or multitask config with each head's classes: its head, loss and metrics come from
+    `visiontune.tasks` (`self.objective`), and the logits are the heads' side by side.
     """
 
     def __init__(
@@ -72,14 +65,17 @@ class ImageClassifier(L.LightningModule):
         seed: int = 0,
         class_weights: list[float] | None = None,
         temperature: float = 1.0,
+        task: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         head = model.get("head") or {}
         self.backbone = create_backbone(model["backbone"], model.get("pretrained", True))
-        self.head = make_head(
-            self.backbone.num_features, num_classes, head.get("dropout", 0.0), head.get("hidden")
-        )
+        dropout, hidden = head.get("dropout", 0.0), head.get("hidden")
+        if tasks.is_multi(task):  # multilabel / multitask: one module per head, logits side by side
+            self.head = tasks.build_head(task, self.backbone.num_features, dropout, hidden)
+        else:
+            self.head = make_head(self.backbone.num_features, num_classes, dropout, hidden)
         optim = optim or {}
         self.optimizer_cfg = dict(
             optim.get("optimizer") or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}
@@ -92,6 +88,11 @@ class ImageClassifier(L.LightningModule):
         self.channels_last = bool(model.get("channels_last", False))
         self.monitor = dict(monitor or {"monitor": "val/acc", "mode": "max"})
         self.mix = None  # batch-level MixUp/CutMix, set by build_model
+        # augment.jsd=true: weight of the AugMix Jensen-Shannon consistency term, set by build_model
+        self.jsd_weight = 0.0
+        object.__setattr__(self, "teacher", None)  # distill.teacher: see set_teacher
+        object.__setattr__(self, "prefix_split", None)  # see set_prefix_split
+        self.distill = {"alpha": 0.5, "temperature": 4.0}
         # data.balance=loss_weights: inverse class frequencies (mean 1) weight the training loss
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weight", weights, persistent=False)
@@ -102,6 +103,27 @@ class ImageClassifier(L.LightningModule):
             self.to(memory_format=torch.channels_last)
         metric = lambda: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)  # noqa: E731
         self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
+        self.objective = tasks.TaskObjective(task, self.label_smoothing) if tasks.is_multi(task) else None
+
+    def set_teacher(self, teacher: nn.Module | None, alpha: float = 0.5, temperature: float = 4.0) -> None:
+        """Distil from a frozen `teacher` (visiontune.distill.Teacher).
+
+        The teacher is kept outside the module's submodules: it is not trained, not in the optimizer,
+        not wrapped by DDP and not saved in the student's checkpoints; it follows the module's device.
+        """
+        object.__setattr__(self, "teacher", teacher)
+        self.distill = {"alpha": float(alpha), "temperature": float(temperature)}
+
+    def set_prefix_split(self, split) -> None:
+        """Inputs are cached activations of the frozen bottom (visiontune.features.PrefixSplit), not images.
+
+        Held outside the submodules: the split's modules are the backbone's own, registered once.
+        """
+        object.__setattr__(self, "prefix_split", split)
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
 
     @property
     def lr(self) -> float:
@@ -115,13 +137,22 @@ class ImageClassifier(L.LightningModule):
         self.hparams.optim = {**(self.hparams.optim or {}), "optimizer": dict(self.optimizer_cfg)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:  # cached backbone features (finetune.cache_features): the head alone
+            return self.head(x)
+        if self.prefix_split is not None:  # cached activations of the frozen bottom: the rest of it
+            return self.head(self.prefix_split.rest(x))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(x))
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities, with the calibrated temperature applied."""
-        return (self(x) / self.hparams.temperature).softmax(-1)
+        """Class probabilities, with the calibrated temperature applied (per head for a task)."""
+        return self.probabilities(self(x))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.objective is not None:
+            return tasks.probabilities(logits, self.objective.heads, self.hparams.temperature)
+        return (logits / self.hparams.temperature).softmax(-1)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # `target` is class indices, or class probabilities after MixUp/CutMix.
@@ -164,11 +195,24 @@ class ImageClassifier(L.LightningModule):
         if batch is None:  # every file of the batch was unreadable (warned when it was loaded)
             return None
         x, y = batch
+        if self.objective is not None:  # multilabel / multitask: the loss is tasks.py's
+            return self.objective.training_loss(self, self(x), y)
+        views = x.shape[1] if x.ndim == 5 else 0  # augment.jsd: (batch, views, C, H, W), view 0 clean
+        if views:
+            x = x.flatten(0, 1)
         target = y
         if self.mix is not None:
             x, target = self.mix(x, y)
         logits = self(x)
-        loss = self.loss(logits, target)
+        if views:
+            per_view = logits.view(-1, views, logits.shape[-1])
+            logits = per_view[:, 0]
+            loss = self.loss(logits, target) + self.jsd_weight * jsd_consistency(per_view)
+        else:
+            loss = self.loss(logits, target)
+        if self.teacher is not None:  # the teacher sees what the student's logits came from
+            seen = x.view(-1, views, *x.shape[1:])[:, 0] if views else x
+            loss = distillation_loss(logits, self.teacher(seen), loss, **self.distill)
         hard = target.argmax(1) if target.ndim == 2 else target
         self.train_acc(logits, hard)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -180,10 +224,21 @@ class ImageClassifier(L.LightningModule):
             return
         x, y = batch
         logits = self(x)
+        if self.objective is not None:  # multilabel / multitask: scored over the epoch, in tasks.py
+            self.objective.eval_step(logits, y, stage)
+            return
         loss = F.cross_entropy(logits, y)
         metric(logits, y)
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, prog_bar=stage == "val")
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.objective is not None:  # threshold=auto tunes here, before the checkpoint is saved
+            self.objective.epoch_end(self, "val")
+
+    def on_test_epoch_end(self) -> None:
+        if self.objective is not None:
+            self.objective.epoch_end(self, "test")
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val", self.val_acc)
@@ -193,7 +248,7 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        return self(x).softmax(-1)
+        return self(x).softmax(-1) if self.objective is None else tasks.probabilities(self(x), self.objective.heads)
 
     # -- optimisation
     def param_groups(self) -> list[dict]:

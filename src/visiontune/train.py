@@ -27,7 +27,9 @@ from visiontune.build import build_datamodule, build_model
 from visiontune.callbacks import LastCheckpoint, ResumeMidEpoch, RunClock, SaveOnInterrupt, format_seconds
 from visiontune.checkpoints import AtomicCheckpointIO, load_checkpoint
 from visiontune.cli import CONF_DIR, SUMMARY_KEYS, RunStopped, plain, print_summary, run_cli
+from visiontune.distill import load_teacher
 from visiontune.errors import UserError
+from visiontune.features import attach_feature_cache
 from visiontune.finetune import ApplyFreeze
 from visiontune.inference import check_class_names
 from visiontune.sweeper.pruning import trial_callbacks
@@ -47,6 +49,14 @@ def train(cfg: DictConfig) -> float:
 
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule)
+    if cfg.distill.teacher:
+        teacher = load_teacher(
+            cfg.distill.teacher,
+            list(datamodule.classes),
+            (datamodule.mean, datamodule.std),
+            datamodule.image_size,
+        )
+        model.set_teacher(teacher, cfg.distill.alpha, cfg.distill.temperature)
     if ckpt_path:
         check_resume(
             ckpt_path, cfg.model.backbone, datamodule.classes, bool(cfg.data.get("allow_class_mismatch"))
@@ -92,6 +102,9 @@ def train(cfg: DictConfig) -> float:
     log.info("run dir: %s", run_dir)
     log.info("data: %s, image size %d, augment=%s", datamodule.name, datamodule.image_size, cfg.augment.name)
     check_cpu_budget(model, datamodule, cfg, trainer)
+    # the frozen-feature cache first: it reads the splits through their per-sample transforms
+    attach_feature_cache(model, datamodule, cfg, trainer.strategy.root_device)
+    datamodule.enable_device_transforms(cfg.data.get("device_transforms", "auto"))
 
     suggestion = find_lr(trainer, model, datamodule, cfg, run_dir) if cfg.tune.lr_find else None
     start = time.perf_counter()
@@ -119,7 +132,12 @@ def train(cfg: DictConfig) -> float:
         metrics["lr_find/suggestion"] = suggestion
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        print_summary(metrics, run_dir, keys=(monitor, *(k for k in SUMMARY_KEYS if k != monitor)))
+        # a task's per-head test figures (test/<head>/acc, test/map, ...) follow the monitor
+        heads = sorted(
+            k for k in metrics if k.startswith("test/") and k.endswith(("/acc", "/map", "/f1", "/score"))
+        )
+        keys = dict.fromkeys((monitor, *heads, *SUMMARY_KEYS))
+        print_summary(metrics, run_dir, keys=tuple(keys))
     return metrics.get(cfg.get("optimized_metric") or monitor, float("nan"))
 
 
@@ -217,8 +235,11 @@ def check_cpu_budget(model, datamodule, cfg: DictConfig, trainer: L.Trainer) -> 
         train_images = min(train_images, max_steps * int(cfg.data.batch_size))
         epochs = max(1, -(-train_images // max(1, len(datamodule.train_set))))
     eval_images = len(datamodule.val_set) * epochs + (len(datamodule.test_set) if cfg.get("test") else 0)
-    # a training step (forward and backward) costs about three forward passes
-    seconds = per_image * (3 * train_images + eval_images)
+    # a training step (forward and backward) costs about three forward passes; AugMix JSD trains on three
+    # views of each image, and a teacher adds its forward pass (counted at the student's cost)
+    views = 3 if cfg.augment.get("jsd") else 1
+    teacher = 1 if cfg.distill.get("teacher") else 0
+    seconds = per_image * ((3 + teacher) * views * train_images + eval_images)
     log.info(
         "estimated CPU time: %s (%d training images x %d epochs at %d px)",
         format_seconds(seconds), len(datamodule.train_set), epochs, datamodule.image_size,

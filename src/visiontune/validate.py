@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, get_args
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -23,6 +24,7 @@ from visiontune.errors import UserError
 from visiontune.finetune import SCHEDULES as FREEZE_SCHEDULES
 from visiontune.module import OPTIMIZERS
 from visiontune.schedules import SCHEDULES
+from visiontune.tasks import TASKS, WEIGHTINGS, check_heads
 
 log = logging.getLogger("visiontune")
 
@@ -138,12 +140,80 @@ def devices(value, cfg) -> str | None:
     return None if ok else "a count >= 1, -1 (all), 'auto', or a list of device indices"
 
 
+def auto_or_bool(value, cfg) -> str | None:
+    return None if value == "auto" or isinstance(value, bool) else "auto, true or false"
+
+
+def checkpoint_file(value, cfg) -> str | None:
+    """A local checkpoint that exists (URLs are checked when they are read)."""
+    if not isinstance(value, str) or not value.strip():
+        return "a checkpoint path (<run dir>/checkpoints/best.ckpt)"
+    if "://" in value or Path(value).expanduser().is_file():
+        return None
+    return "an existing checkpoint file (<run dir>/checkpoints/best.ckpt); none is there"
+
+
 def max_epochs(value, cfg) -> str | None:
     """trainer.max_epochs: >= 1, or null when trainer.max_steps bounds the run (-1, "forever", is refused)."""
     steps = lookup(cfg, "trainer.max_steps")
     if (value is None and is_int(steps) and steps > 0) or (is_int(value) and value >= 1):
         return None
     return "an integer >= 1 (or null with trainer.max_steps > 0)"
+
+
+def boolean(value, cfg) -> str | None:
+    return None if isinstance(value, bool) else "true or false"
+
+
+def jsd_views(value, cfg) -> str | None:
+    """augment.jsd: AugMix's clean and augmented views of one image stay apart, so no batch mixing."""
+    if not isinstance(value, bool):
+        return "true or false"
+    alphas = {k: lookup(cfg, k) for k in ("augment.mixup_alpha", "augment.cutmix_alpha")}
+    mixing = [f"{k}={v}" for k, v in alphas.items() if is_number(v) and v > 0]
+    if value and mixing:
+        return (
+            f"false with {' and '.join(mixing)} (MixUp/CutMix would blend the views of different "
+            "images): set that alpha to 0, or augment.jsd=false"
+        )
+    return None
+
+
+def task_name(value, cfg) -> str | None:
+    """task.name, and what multilabel / multitask cannot be combined with (one class per image ideas)."""
+    if value not in TASKS:
+        return "one of " + ", ".join(TASKS)
+    if value == "multiclass":
+        return None
+    if value == "multitask" and lookup(cfg, "task.heads") in (None, ABSENT, []):
+        return "multiclass or multilabel without task.heads: set task.heads=[{name: a, column: a, kind: multiclass, weight: 1.0}, ...]"
+    conflicts = [
+        f"{key}={v}" for key in ("augment.mixup_alpha", "augment.cutmix_alpha") if is_number(v := lookup(cfg, key)) and v > 0
+    ]  # fmt: skip
+    if lookup(cfg, "augment.jsd") is True:
+        conflicts.append("augment.jsd=true")
+    if lookup(cfg, "distill.teacher") not in (None, ABSENT):
+        conflicts.append("distill.teacher")
+    if lookup(cfg, "data.balance") not in ("none", None, ABSENT):
+        conflicts.append(f"data.balance={lookup(cfg, 'data.balance')}")
+    if conflicts:
+        return (
+            f"multiclass with {', '.join(conflicts)} (they mix, distil or balance one class per image). "
+            "Fix: turn them off for this task"
+        )
+    return None
+
+
+def threshold(value, cfg) -> str | None:
+    return None if value == "auto" or (is_number(value) and 0 < value < 1) else "a number in (0, 1), or auto"
+
+
+def loss_weighting(value, cfg) -> str | None:
+    if value not in WEIGHTINGS:
+        return "one of " + ", ".join(WEIGHTINGS)
+    if value == "uncertainty" and lookup(cfg, "task.name") != "multitask":
+        return "fixed unless task=multitask (uncertainty weighs the losses of several heads)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -165,6 +235,9 @@ RULES = (
     Rule("data.test_subset", integer(lo=1), nullable=True),
     Rule("data.crop_pct", number(0, 1, lo_open=True, hi_open=False), nullable=True),
     Rule("data.balance", one_of(*BALANCE)),
+    Rule("data.device_transforms", auto_or_bool),
+    Rule("data.cache", one_of("none", "memory", "disk")),
+    Rule("data.cache_dir", text, nullable=True),
     Rule("data.folds", integer(lo=2), nullable=True),
     Rule("data.fold", integer(lo=0, below="data.folds"), nullable=True),
     Rule("optimizer.name", one_of(*OPTIMIZERS), required=True),
@@ -180,6 +253,9 @@ RULES = (
     Rule("finetune.backbone_lr_mult", number(0)),
     Rule("finetune.layer_decay", number(0, 1, lo_open=True, hi_open=False)),
     Rule("finetune.unfreeze_warmup_steps", integer(lo=0)),
+    Rule("finetune.cache_features", auto_or_bool),
+    Rule("finetune.cache_views", integer(lo=1)),
+    Rule("finetune.cache_dir", text, nullable=True),
     Rule("model.head.dropout", number(0, 1)),
     Rule("model.head.hidden", integer(lo=1), nullable=True),
     Rule("model.label_smoothing", number(0, 1)),
@@ -187,12 +263,27 @@ RULES = (
     Rule("trainer.max_epochs", max_epochs, required=True),
     Rule("trainer.devices", devices),
     Rule("trainer.accumulate_grad_batches", integer(lo=1)),
+    Rule("task.name", task_name),
+    Rule("task.label_sep", text),
+    Rule("task.threshold", threshold),
+    Rule("task.heads", check_heads, nullable=True),
+    Rule("task.loss_weighting", loss_weighting),
+    Rule("task.pos_weight", boolean),
+    Rule("augment.jsd", jsd_views),
+    Rule("augment.jsd_weight", number(0)),
+    Rule("distill.teacher", checkpoint_file, nullable=True),
+    Rule("distill.alpha", number(0, 1, hi_open=False)),
+    Rule("distill.temperature", number(0, lo_open=True)),
 )
 # eval: the data keys it is given (the rest come from the checkpoint) and the trainer keys it has
 EVAL_RULES = tuple(
     Rule(r.key, r.check, r.nullable)
     for r in RULES
     if r.key.startswith("data.") or r.key in ("trainer.precision", "trainer.devices")
+) + (
+    Rule("robustness", boolean),
+    Rule("robustness_subset", integer(lo=1), nullable=True),
+    Rule("robustness_seed", integer(lo=0)),
 )
 
 
@@ -263,4 +354,25 @@ def validate_config(cfg) -> list[str]:
 
 def validate_eval_config(cfg) -> list[str]:
     """The eval counterpart: the data and trainer keys given to eval (all optional; `???` = not given)."""
+    return check(cfg, EVAL_RULES, missing_ok=True)
+
+
+# compress: its own keys (the data and trainer keys it is given are checked as eval's)
+COMPRESS_RULES = (
+    Rule("ckpt_path", text, required=True),
+    Rule("method", one_of("int8", "prune"), required=True),
+    Rule("amount", number(0, 1, lo_open=True, hi_open=True)),
+    Rule("finetune_epochs", integer(lo=0)),
+    Rule("finetune_lr", number(0, lo_open=True), nullable=True),
+    Rule("calib_images", integer(lo=1)),
+    Rule("quant_format", one_of("qoperator", "qdq")),
+    Rule("threads", integer(lo=1)),
+    Rule("latency_runs", integer(lo=1)),
+    Rule("test_subset", integer(lo=1), nullable=True),
+)
+
+
+def validate_compress_config(cfg) -> list[str]:
+    """The compress counterpart: its own keys, then the data and trainer keys given to it."""
+    check(cfg, COMPRESS_RULES)
     return check(cfg, EVAL_RULES, missing_ok=True)

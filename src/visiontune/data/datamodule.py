@@ -10,7 +10,9 @@ File datasets (`data.root`):
 - `csv`: a CSV file of `path,label` lines (the training list), or a folder holding `train.csv` and
   optional `val.csv` / `test.csv`. Paths are relative to the CSV's folder; the first line is a header
   when its path cell has no file extension (`path,label`, `filename,class`, ...).
-Classes are the sorted names found in train. Without a val split, a seeded stratified `val_fraction`
+Classes are the sorted names found in train. With `task=multilabel|multitask` (the `task` argument)
+the CSV carries several labels per image (see `files.read_task_csv`), each target is a dict
+{head: target}, and `heads` names each head's classes. Without a val split, a seeded stratified `val_fraction`
 of train becomes val; without a test split, the run tests on val.
 """
 
@@ -25,14 +27,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from visiontune import tasks
+from visiontune.data.cache import CACHE_MODES, RANDOM_CROP_PRESETS, cache_decoded
+from visiontune.data.device import DEVICE_PRESETS, BatchTransform, batch_generator
 from visiontune.data.files import (
     SPLITS,
     FileImageDataset,
+    TaskImageDataset,
     collate_skip_none,
     csv_files,
     read_csv_list,
     scan_csv,
     scan_folder,
+    scan_task_csv,
+    task_classes,
 )
 from visiontune.data.splits import stratified_fold, stratified_split, stratified_subset
 from visiontune.data.standard import STANDARD, TensorImageDataset, load_standard, standard_classes
@@ -76,9 +84,13 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 class ImageDataModule(L.LightningDataModule):
     """Datasets and loaders for one run. `data_config` is the backbone's pretrained preprocessing."""
 
-    def __init__(self, data: dict, augment: dict, data_config: dict, seed: int = 0):
+    def __init__(self, data: dict, augment: dict, data_config: dict, seed: int = 0, task: dict | None = None):
         super().__init__()
         self.cfg = dict(data)
+        self.task = dict(task) if tasks.is_multi(task) else None  # None: one class per image
+        # a checkpoint's task names each head's classes; a config's task has them read from train.csv
+        heads = (self.task or {}).get("heads") or []
+        self._heads: list[dict] | None = heads if heads and all("classes" in h for h in heads) else None
         self.augment = dict(augment)
         self.seed = seed
         self.name = self.cfg["name"]
@@ -92,9 +104,14 @@ class ImageDataModule(L.LightningDataModule):
         self.crop_pct = float(crop if crop is not None else data_config["crop_pct"])
         self._classes: list[str] | None = None
         self.train_set = self.val_set = self.test_set = None
+        self.device_transforms: tuple | None = (
+            None  # (train, eval) BatchTransform, see enable_device_transforms
+        )
         self.balance = self.cfg.get("balance") or "none"
         if self.balance not in BALANCE:
             raise UserError(f"data.balance={self.balance} is unknown; choose one of {', '.join(BALANCE)}")
+        if self.task:
+            check_task_data(self.task["name"], self.name, self.balance)
         if self.name == "imagefolder" and self.root.is_file():
             raise UserError(
                 f"data.root {self.root} is a file; data=imagefolder needs a folder with train/<class>/ "
@@ -123,9 +140,25 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     @property
+    def heads(self) -> list[dict] | None:
+        """multilabel/multitask: the task's heads with their classes (from the training CSV); else None."""
+        if self.task and self._heads is None:
+            self._heads = task_classes(
+                csv_files(self.root)["train"], tasks.config_heads(self.task), self.task.get("label_sep", "|"),
+                self.task["name"] == "multitask",
+            )  # fmt: skip
+        return self._heads
+
+    @property
     def classes(self) -> list[str]:
+        """The class names; for multilabel the labels, for multitask `<head>/<class>` of every head in order."""
         if self._classes is None:
-            if self.name in STANDARD:
+            if self.task:
+                prefix = self.task["name"] == "multitask"
+                self._classes = [
+                    f"{h['name']}/{c}" if prefix else c for h in self.heads for c in h["classes"]
+                ]
+            elif self.name in STANDARD:
                 self._classes = standard_classes(self.name)
             elif self.name == "imagefolder":
                 train_dir = self.root / "train"
@@ -164,6 +197,7 @@ class ImageDataModule(L.LightningDataModule):
             self._setup_standard(stage)
         else:
             self._setup_folders(stage)
+            self._cache_decoded(stage)
         sizes = {
             k: len(v)
             for k, v in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set))
@@ -198,7 +232,11 @@ class ImageDataModule(L.LightningDataModule):
         """imagefolder and csv: scan every split (bad files out), then split, subset, fall back."""
         strict = bool(self.cfg.get("strict", False))
         classes = self.classes
-        if self.name == "csv":
+        if self.task:
+            sep, multitask = self.task.get("label_sep", "|"), self.task["name"] == "multitask"
+            splits = {s: scan_task_csv(path, strict, self.heads, sep, multitask)
+                      for s, path in csv_files(self.root).items()}  # fmt: skip
+        elif self.name == "csv":
             splits = {s: scan_csv(path, strict, classes)[1:] for s, path in csv_files(self.root).items()}
         else:
             splits = {
@@ -215,22 +253,123 @@ class ImageDataModule(L.LightningDataModule):
             )
             del splits["val"]
         if "val" not in splits:
-            tr, va = self._split_off_val(np.asarray(splits["train"][1]))
+            tr, va = self._split_off_val(self._strata(splits["train"][1]))
             splits["val"] = splits["train"]
             take("val", va)
             take("train", tr)
         for offset, split in enumerate(("train", "val")):
-            take(split, self._subset(self.cfg.get(f"{split}_subset"), np.asarray(splits[split][1]), offset))
+            take(split, self._subset(self.cfg.get(f"{split}_subset"), self._strata(splits[split][1]), offset))
         if "test" not in splits:
             log.warning("%s has no test split: testing on the validation split", self.root)
             splits["test"] = splits["val"]
         if self.cfg.get("test_subset"):
-            take("test", self._subset(self.cfg["test_subset"], np.asarray(splits["test"][1]), 2))
-        self.train_set = FileImageDataset(*splits["train"], self.train_transform())
-        self.val_set = FileImageDataset(*splits["val"], self.eval_transform())
-        self.test_set = FileImageDataset(*splits["test"], self.eval_transform())
+            take("test", self._subset(self.cfg["test_subset"], self._strata(splits["test"][1]), 2))
+        dataset = TaskImageDataset if self.task else FileImageDataset
+        self._train_targets = splits["train"][1]  # (task.pos_weight counts them, whatever wraps the set)
+        self.train_set = dataset(*splits["train"], self.train_transform())
+        self.val_set = dataset(*splits["val"], self.eval_transform())
+        self.test_set = dataset(*splits["test"], self.eval_transform())
+
+    def _strata(self, labels: list) -> np.ndarray:
+        """What splits and subsets stratify on: the class; for a task, its first multiclass head's
+        class (missing = a stratum of its own), or nothing (a seeded random split)."""
+        if not self.task:
+            return np.asarray(labels)
+        first = next((h["name"] for h in self.heads if h.get("kind", "multiclass") == "multiclass"), None)
+        return np.asarray([int(t[first]) if first else 0 for t in labels])
+
+    def task_hparams(self) -> dict | None:
+        """The task as the model stores it: the config, with each head's classes and, with
+        task.pos_weight=true, its BCE pos_weight (negatives / positives per label on the training split)."""
+        if not self.task:
+            return None
+        heads = [dict(h) for h in self.heads]
+        if self.task.get("pos_weight"):
+            if self.train_set is None:
+                self.setup("fit")
+            for h in heads:
+                if h.get("kind") == "multilabel":
+                    targets = np.stack([t[h["name"]] for t in self._train_targets])
+                    positives = (targets == 1).sum(0)
+                    negatives = (targets == 0).sum(0)
+                    h["pos_weight"] = np.where(
+                        positives > 0, negatives / np.maximum(positives, 1), 1.0
+                    ).tolist()
+        return {**self.task, "heads": heads}
 
     # -- loaders
+    def _cache_decoded(self, stage: str | None) -> None:
+        """data.cache=memory|disk: decode and resize each image file once (visiontune.data.cache)."""
+        mode = self.cfg.get("cache") or "none"
+        if mode == "none":
+            return
+        if mode not in CACHE_MODES:
+            raise UserError(f"data.cache={mode} is unknown; choose one of {', '.join(CACHE_MODES)}")
+        if self.augment.get("name") in RANDOM_CROP_PRESETS:
+            raise UserError(
+                f"data.cache={mode} with augment={self.augment['name']}: its random resized crops need the full "
+                "decoded image, the cache holds it resized to the model's size. Use data.cache=none, or a preset "
+                "without random crops (flip, affine, color, randaugment, ...)"
+            )
+        cache_dir = (
+            self.cfg.get("cache_dir") or (self.root if self.root.is_dir() else self.root.parent) / ".cache"
+        )
+        for split in ("test_set",) if stage == "test" else ("train_set", "val_set", "test_set"):
+            dataset = getattr(self, split)
+            if dataset is not None:
+                cached = cache_decoded(
+                    dataset,
+                    mode,
+                    cache_dir,
+                    self.image_size,
+                    self.crop_pct,
+                    self.interpolation,
+                    self._num_workers(),
+                )
+                setattr(self, split, cached)
+
+    # -- batched transforms on the device (data.device_transforms)
+    def enable_device_transforms(self, setting="auto") -> bool:
+        """Send the in-memory splits to the device as uint8 batches and transform them there.
+
+        auto: wherever it applies (an in-memory dataset, a preset with a batched equivalent); true:
+        required (refused with the reason elsewhere); false: never. Returns whether it is on.
+        """
+        if setting is False or self.device_transforms is not None:
+            return self.device_transforms is not None
+        self.setup("fit")
+        splits = [self.train_set, self.val_set, self.test_set]
+        why_not = None
+        if self.name not in STANDARD:
+            why_not = f"data={self.name} is read from files (device transforms need an in-memory dataset)"
+        elif self.augment.get("name", "none") not in DEVICE_PRESETS or self.augment.get("jsd"):
+            why_not = f"augment={self.augment.get('name')} has no batched equivalent ({', '.join(DEVICE_PRESETS)} have)"
+        elif not all(type(s) is TensorImageDataset for s in splits if s is not None):
+            why_not = "the splits are not plain in-memory images (e.g. cached features)"
+        if why_not:
+            if setting is True:
+                raise UserError(f"data.device_transforms=true: {why_not}. Use data.device_transforms=auto")
+            return False
+        spec = (self.image_size, self.mean, self.std, self.interpolation, self.crop_pct)
+        self.device_transforms = (BatchTransform(self.augment, *spec), BatchTransform(None, *spec))
+        for split in splits:
+            if split is not None:
+                split.transform = None  # uint8 batches; on_after_batch_transfer transforms them
+        log.info("data.device_transforms: uint8 batches are resized, augmented and normalised on the device")
+        return True
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.device_transforms is None or batch is None or batch[0].dtype != torch.uint8:
+            return batch
+        x, *rest = batch
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            step = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            x = self.device_transforms[0](x, batch_generator(self.seed, trainer.current_epoch, step))
+        else:
+            x = self.device_transforms[1](x)
+        return [x, *rest]
+
     def _num_workers(self) -> int:
         n = self.cfg.get("num_workers")
         if n is not None:
@@ -249,11 +388,11 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
-            collate_fn=collate_skip_none if isinstance(dataset, FileImageDataset) else None,
+            collate_fn=collate_skip_none,  # file-backed and cached datasets give None for unreadable items
             drop_last=False,
         )
 
-    def train_labels(self) -> np.ndarray:
+    def train_labels(self) -> np.ndarray:  # one class per image (not for task=multilabel|multitask)
         labels = self.train_set.labels
         return labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
 
@@ -284,3 +423,23 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+
+def check_task_data(task: str, data: str, balance: str) -> None:
+    """task=multilabel|multitask read their labels from a CSV; class balancing is for one class per image."""
+    if data == "imagefolder":
+        raise UserError(
+            f"task={task} with data=imagefolder: image folders cannot express several labels per image. "
+            "Use data=csv with lines of `path,labels` (labels separated by |, see task.label_sep), "
+            "or a header `path,<label>,...` with 0/1 columns"
+            + (", or one column per head" if task == "multitask" else "")
+        )
+    if data != "csv":
+        raise UserError(
+            f"task={task} with data={data}: its labels come from a CSV. Fix: data=csv data.root=<train.csv>"
+        )
+    if balance != "none":
+        raise UserError(
+            f"data.balance={balance} with task={task}: balancing is by one class per image. "
+            "Fix: data.balance=none (task.pos_weight=true weighs rare labels)"
+        )
