@@ -125,9 +125,14 @@ def test_every_experiment_and_debug_overlay_runs(overlay, tmp_path):
                  "data.val_subset=16", "data.test_subset=16", "data.batch_size=8", "model.backbone=resnet18"]  # fmt: skip
     if overlay.startswith("experiment="):
         overrides.append("debug=fast")
-    csv_folder = {"experiment=fashion_mnist_multitask": "multitask", "experiment=fashion_mnist_mosaic": "mosaic"}
+    csv_folder = {
+        "experiment=fashion_mnist_multitask": "multitask",
+        "experiment=fashion_mnist_mosaic": "mosaic",
+    }
     if overlay in csv_folder:  # their CSVs and images come from scripts/make_fashion_tasks.py
-        overrides.append(f"data.root={make_fashion_tasks(tmp_path / 'tasks', 32, 16, 16) / csv_folder[overlay]}")
+        overrides.append(
+            f"data.root={make_fashion_tasks(tmp_path / 'tasks', 32, 16, 16) / csv_folder[overlay]}"
+        )
     else:
         overrides += ["trainer.max_epochs=1"] if overlay != "debug=fast" else []
     cfg = compose_cfg(overrides, tmp_path)

@@ -22,7 +22,11 @@ def write_csv_dataset(root):
 
 @pytest.mark.parametrize(
     ("augment", "n", "grid"),
-    [("basic", 5, (5, 1)), ("mixup", 10, (8, 2)), ("augmix augment.jsd=true", 4, (3, 4))],  # jsd: 3 views a row
+    [
+        ("basic", 5, (5, 1)),
+        ("mixup", 10, (8, 2)),
+        ("augmix augment.jsd=true", 4, (3, 4)),
+    ],  # jsd: 3 views a row
 )
 def test_preview_writes_a_grid_of_augmented_samples(tmp_path, capsys, augment, n, grid):
     out = tmp_path / "out" / "preview.png"

@@ -248,7 +248,11 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        return self(x).softmax(-1) if self.objective is None else tasks.probabilities(self(x), self.objective.heads)
+        return (
+            self(x).softmax(-1)
+            if self.objective is None
+            else tasks.probabilities(self(x), self.objective.heads)
+        )
 
     # -- optimisation
     def param_groups(self) -> list[dict]:
