@@ -133,8 +133,8 @@ def indexed_loader(dataset, like: DataLoader | None = None, batch_size: int = 64
 
 
 @torch.no_grad()
-def collect_logits(model, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits (N, C), targets (N,), dataset indices (N,)) over an `indexed_loader`, in order."""
+def collect_batches(model, loader: DataLoader) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """(logits (N, C), the batches' targets as a list, dataset indices (N,)) over an `indexed_loader`."""
     logits, targets, indices = [], [], []
     device = next(model.parameters()).device
     for batch in loader:
@@ -146,7 +146,13 @@ def collect_logits(model, loader: DataLoader) -> tuple[torch.Tensor, torch.Tenso
         indices.append(index)
     if not logits:
         raise UserError("no readable images in this split. Fix: check data.root and the files in it")
-    return torch.cat(logits), torch.cat(targets).long(), torch.cat(indices).long()
+    return torch.cat(logits), targets, torch.cat(indices).long()
+
+
+def collect_logits(model, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (N, C), targets (N,), dataset indices (N,)) over an `indexed_loader`, in order."""
+    logits, targets, indices = collect_batches(model, loader)
+    return logits, torch.cat(targets).long(), indices
 
 
 def raw_image(dataset, i: int) -> Image.Image:

@@ -486,24 +486,12 @@ def describe(probs, spec: dict, topk: int = 5) -> dict:
     return out[spec["heads"][0]["name"]] if spec["name"] != "multitask" else {"heads": out}
 
 
-@torch.no_grad()
 def collect_outputs(model, loader) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """(logits (N, total), targets {head: tensor}, dataset indices (N,)) over an `indexed_loader`."""
-    from visiontune.errors import UserError
+    from visiontune.inference import collect_batches
 
-    logits, targets, indices = [], [], []
-    device = next(model.parameters()).device
-    for batch in loader:
-        if len(batch) == 0:
-            continue
-        index, x, y = batch
-        logits.append(model(x.to(device)).float().cpu())
-        targets.append(y)
-        indices.append(index)
-    if not logits:
-        raise UserError("no readable images in this split. Fix: check data.root and the files in it")
-    joined = {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
-    return torch.cat(logits), joined, torch.cat(indices).long()
+    logits, targets, indices = collect_batches(model, loader)
+    return logits, {k: torch.cat([t[k] for t in targets]) for k in targets[0]}, indices
 
 
 def deployed_probabilities(logits, spec: dict):

@@ -50,7 +50,10 @@ class FileImageDataset(Dataset):
         except Exception as exc:
             warnings.warn(f"skipping unreadable image {self.paths[i]}: {exc}", stacklevel=1)
             return None
-        return (self.transform(image) if self.transform else image), int(self.labels[i])
+        return (self.transform(image) if self.transform else image), self.target(i)
+
+    def target(self, i: int):
+        return int(self.labels[i])
 
 
 def collate_skip_none(batch):
@@ -225,14 +228,8 @@ class TaskImageDataset(FileImageDataset):
     def __init__(self, paths: list[str], targets: list[dict], transform=None):
         self.paths, self.targets, self.transform = paths, targets, transform
 
-    def __getitem__(self, i: int):
-        try:
-            image = load_image(self.paths[i])
-        except Exception as exc:
-            warnings.warn(f"skipping unreadable image {self.paths[i]}: {exc}", stacklevel=1)
-            return None
-        target = {k: torch.as_tensor(v) for k, v in self.targets[i].items()}
-        return (self.transform(image) if self.transform else image), target
+    def target(self, i: int) -> dict:
+        return {k: torch.as_tensor(v) for k, v in self.targets[i].items()}
 
 
 def _csv_rows(csv_path: Path) -> list[list[str]]:
