@@ -233,3 +233,12 @@ def test_a_failed_compression_writes_nothing(tiny_checkpoint, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="quantizer crashed"):
         compress(compress_cfg(tiny_checkpoint, tmp_path, "method=int8", "calib_images=8"), patch={})
     assert sorted(p.name for p in tmp_path.iterdir()) == [] and tiny_checkpoint.read_bytes() == before
+
+
+def test_reduce_range_auto_is_on_for_x86_without_vnni_only():
+    from visiontune.compress import x86_without_vnni
+
+    assert x86_without_vnni("x86_64", "flags : fpu sse4_2 avx2 fma")
+    assert not x86_without_vnni("x86_64", "flags : fpu avx2 avx512f avx512_vnni")
+    assert not x86_without_vnni("x86_64", "flags : fpu avx2 avx_vnni")
+    assert not x86_without_vnni("aarch64", "Features : fp asimd")

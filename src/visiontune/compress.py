@@ -4,8 +4,8 @@
   export.py (parity-checked against PyTorch), onnxruntime's `quant_pre_process` folds BatchNorm and
   infers shapes, and `quantize_static` calibrates the activation ranges (MinMax) on `calib_images`
   training images through the checkpoint's eval transform. Weights are int8 per output channel,
-  activations uint8 (U8S8: what ONNX Runtime's x86 kernels run fastest; with AVX512-VNNI there is no
-  saturation to avoid). The final Softmax stays float, so close probabilities never tie at 8 bits.
+  activations uint8 (U8S8: what ONNX Runtime's x86 kernels run fastest). Without VNNI their u8 x s8
+  dot products can saturate, so there `reduce_range=auto` keeps the weights to 7 bits. The final Softmax stays float, so close probabilities never tie at 8 bits.
   Writes model.onnx, model.int8.onnx, preprocess.json.
 - `prune`: structured channel pruning with torch-pruning: its dependency graph couples every layer
   that shares channels (residual adds, depthwise convolutions, BatchNorm), group L2 magnitude picks
@@ -31,6 +31,8 @@ import contextlib
 import json
 import logging
 import os
+import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -228,8 +230,29 @@ def quiet_root_logger():
         root.setLevel(level)
 
 
-def quantize_int8(fp32: Path, out: Path, reader, quant_format: str, work: Path) -> None:
-    """Static int8 quantization of an fp32 ONNX model (per-channel int8 weights, uint8 activations)."""
+def x86_without_vnni(machine: str | None = None, cpuinfo: str | None = None) -> bool:
+    """An x86 CPU without VNNI (AVX512-VNNI or AVX-VNNI): its u8 x s8 dot products can saturate."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: unknown, assume a recent CPU
+            return False
+    flags = set(re.findall(r"[a-z0-9_]+", cpuinfo.lower()))
+    return not flags & {"avx512_vnni", "avx_vnni"}
+
+
+def resolve_reduce_range(setting) -> bool:
+    return x86_without_vnni() if setting == "auto" else bool(setting)
+
+
+def quantize_int8(
+    fp32: Path, out: Path, reader, quant_format: str, work: Path, reduce_range: bool = False
+) -> None:
+    """Static int8 quantization of an fp32 ONNX model (per-channel int8 weights, uint8 activations;
+    `reduce_range`: 7-bit weights, for x86 CPUs without VNNI)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -248,6 +271,7 @@ def quantize_int8(fp32: Path, out: Path, reader, quant_format: str, work: Path) 
             reader,
             quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
             per_channel=True,
+            reduce_range=reduce_range,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
@@ -262,7 +286,10 @@ def compress_int8(cfg: DictConfig, model: ImageClassifier, datamodule, patch: di
     indices = calibration_indices(len(datamodule.train_set), int(cfg.calib_images), model.hparams.seed)
     reader = CalibrationReader(datamodule.train_set, indices, "image")
     start = time.perf_counter()
-    quantize_int8(work / "model.onnx", work / "model.int8.onnx", reader, str(cfg.quant_format), work)
+    reduce_range = resolve_reduce_range(cfg.get("reduce_range", "auto"))
+    quantize_int8(
+        work / "model.onnx", work / "model.int8.onnx", reader, str(cfg.quant_format), work, reduce_range
+    )
     log.info("quantized to int8 in %.0f s (%d calibration images)", time.perf_counter() - start, len(indices))
     figures, agreement, n = measure(
         {"fp32": work / "model.onnx", "int8": work / "model.int8.onnx"},
@@ -277,7 +304,7 @@ def compress_int8(cfg: DictConfig, model: ImageClassifier, datamodule, patch: di
         note=INT8_NOTE,
         quant_format=str(cfg.quant_format),
         activations="uint8",
-        weights="int8, per output channel",
+        weights="int8, per output channel" + (" (7-bit range: reduce_range)" if reduce_range else ""),
         calib_images=len(indices),
     )
     return {**figures, "top1_agreement": agreement, "test_images": n}

@@ -366,6 +366,7 @@ COMPRESS_RULES = (
     Rule("finetune_lr", number(0, lo_open=True), nullable=True),
     Rule("calib_images", integer(lo=1)),
     Rule("quant_format", one_of("qoperator", "qdq")),
+    Rule("reduce_range", auto_or_bool),
     Rule("threads", integer(lo=1)),
     Rule("latency_runs", integer(lo=1)),
     Rule("test_subset", integer(lo=1), nullable=True),
