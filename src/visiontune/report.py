@@ -208,14 +208,7 @@ def write_report_md(
     """report.md: the headline metrics, links to the files beside it, and what they say."""
     worst = sorted(rows, key=lambda r: (r["recall"], r["class"]))[:3]
     lines = [
-        "# Evaluation report",
-        "",
-        f"Checkpoint: `{ckpt_path}`",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if isinstance(v, int | float)],
-        "",
+        *_report_head(ckpt_path, metrics),
         "Files: [metrics.json](metrics.json), [per_class.csv](per_class.csv), "
         "[confusion_matrix.png](confusion_matrix.png), [reliability.png](reliability.png), "
         "[mistakes.png](mistakes.png).",
@@ -325,16 +318,9 @@ def write_per_label_csv(rows: list[dict], path: Path) -> None:
 
 def write_task_report_md(path: Path, metrics: dict, rows: list[dict], ckpt_path: str) -> None:
     """report.md of a multilabel or multitask checkpoint: the headline metrics and the per-label table."""
-    headline = {k: v for k, v in sorted(metrics.items()) if isinstance(v, int | float) and "/ap/" not in k}
+    headline = {k: v for k, v in metrics.items() if "/ap/" not in k}  # per-label APs: in the table below
     lines = [
-        "# Evaluation report",
-        "",
-        f"Checkpoint: `{ckpt_path}`",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in headline.items()],
-        "",
+        *_report_head(ckpt_path, headline),
         "Files: [metrics.json](metrics.json), [per_label.csv](per_label.csv).",
         "",
         "## Per head and label",
@@ -346,6 +332,13 @@ def write_task_report_md(path: Path, metrics: dict, rows: list[dict], ckpt_path:
         "",
     ]  # fmt: skip
     path.write_text("\n".join(lines))
+
+
+def _report_head(ckpt_path: str, metrics: dict) -> list[str]:
+    """report.md's title, the checkpoint, and a table of the numeric metrics (sorted by name)."""
+    numeric = [(k, v) for k, v in sorted(metrics.items()) if isinstance(v, int | float)]
+    return ["# Evaluation report", "", f"Checkpoint: `{ckpt_path}`", "", "| metric | value |", "|---|---|",
+            *[f"| {k} | {_fmt(v)} |" for k, v in numeric], ""]  # fmt: skip
 
 
 def _cell(value: float) -> str:
