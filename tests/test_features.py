@@ -141,7 +141,7 @@ def test_linear_probe_on_cached_features_matches_the_uncached_run(tmp_path, capl
 
 @pytest.mark.parametrize(
     "override, reason",
-    [("finetune=full", "freezes no layer for the whole run"), ("augment=flip", "is random")],
+    [("finetune=full", "freezes no layer at the start"), ("augment=flip", "is random")],
 )
 def test_cache_true_where_not_exact_is_refused(tmp_path, override, reason):
     from visiontune.errors import UserError
@@ -230,15 +230,105 @@ def test_feature_dataset_keeps_the_labels_for_balanced_sampling():
     assert torch.equal(cached.labels, data.labels)
 
 
-def test_an_unfreezing_schedule_without_max_epochs_is_not_cached(tmp_path):
+def test_a_batched_read_equals_the_per_sample_reads_and_skips_unreadable_rows():
+    from torch.utils.data import DataLoader
+
+    from visiontune.data.files import collate_skip_none
+    from visiontune.features import FeatureDataset
+
+    data = tensor_set()
+    features = compute_features(tiny_trunk(), data)
+    features[3] = np.nan  # an unreadable image
+    cached = FeatureDataset(features, data)
+    order = [5, 3, 0, 7, 19]
+    x, y = collate_skip_none(cached.__getitems__(order))
+    one = [cached[i] for i in order if cached[i] is not None]
+    assert torch.equal(x, torch.stack([r for r, _ in one])) and y.tolist() == [t for _, t in one]
+    assert x.dtype == torch.float32 and len(y) == 4
+    assert collate_skip_none(cached.__getitems__([3])) is None  # every image unreadable: a skipped batch
+    loader = DataLoader(cached, batch_size=8, collate_fn=collate_skip_none)  # the DataLoader takes this path
+    xs, ys = zip(*loader, strict=True)
+    assert torch.cat(xs).shape == (19, features.shape[1]) and torch.equal(
+        torch.cat(ys), data.labels[[i for i in range(20) if i != 3]]
+    )
+
+
+class BatchKinds(__import__("lightning").Callback):
+    """What each epoch's training and validation batches were (2-D cached features or 4-D images),
+    and the head's weights at the end of each training epoch."""
+
+    def __init__(self):
+        self.train, self.val, self.heads, self.top = {}, {}, [], []
+
+    def on_train_start(self, trainer, pl_module):
+        self.top.append(list(pl_module.backbone.parameters())[-1].detach().clone())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.train.setdefault(trainer.current_epoch, set()).add(batch[0].ndim)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.val.setdefault(trainer.current_epoch, set()).add(batch[0].ndim)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.heads.append({k: v.detach().clone() for k, v in pl_module.head.state_dict().items()})
+        self.top.append(list(pl_module.backbone.parameters())[-1].detach().clone())
+
+
+def run_with(cfg, monkeypatch, callback):
+    import visiontune.train as train_mod
+
+    original = train_mod.build_callbacks
+    monkeypatch.setattr(train_mod, "build_callbacks", lambda c: [*original(c), callback])
+    train_mod.train(cfg)
+
+
+@pytest.mark.parametrize("strategy", ["freeze_unfreeze", "gradual"])
+def test_the_opening_frozen_epochs_train_on_cached_features_then_the_images_return(
+    tmp_path, monkeypatch, caplog, strategy
+):
+    """freeze_unfreeze (epoch 0 frozen) and gradual (all groups frozen at epoch 0): epoch 0 reads
+    cached features, epoch 1 the images through the unfrozen backbone; epoch 0's head matches the
+    uncached run's within fp16 rounding, and the backbone trains from epoch 1 on."""
+    extra = (
+        ["finetune.unfreeze_at_epoch=1"] if strategy == "freeze_unfreeze" else ["finetune.every_k_epochs=1"]
+    )
+    overrides = [
+        *FAST,
+        f"finetune={strategy}",
+        *extra,
+        "trainer.max_epochs=2",
+        "logger=csv",
+        "scheduler=none",
+    ]
+    cached, live = BatchKinds(), BatchKinds()
+    with caplog.at_level(logging.INFO, logger="visiontune"):
+        run_with(compose_cfg(overrides, tmp_path / "cached"), monkeypatch, cached)
+    assert "epochs 0-0 (backbone frozen) train the head on cached features" in caplog.text
+    assert cached.train == {0: {2}, 1: {4}} and cached.val == {0: {2}, 1: {4}}
+    run_with(compose_cfg([*overrides, "finetune.cache_features=false"], tmp_path / "live"), monkeypatch, live)
+    assert live.train == {0: {4}, 1: {4}}
+    for key, value in live.heads[0].items():
+        torch.testing.assert_close(cached.heads[0][key], value, atol=2e-3, rtol=0)
+    assert torch.equal(cached.top[0], cached.top[1])  # epoch 0: the top group frozen, bit for bit
+    assert not torch.equal(cached.top[1], cached.top[2])  # epoch 1: it trains, on the images
+    metrics = json.loads((tmp_path / "cached" / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and 0 <= metrics["test/acc"] <= 1
+    assert metrics["feature_cache_s"] > 0 and metrics["peak_rss_mb"] > 100  # torch alone takes more
+    assert "feature_cache_s" not in json.loads((tmp_path / "live" / "metrics.json").read_text())
+
+
+def test_the_opening_frozen_epochs_are_cached_under_max_steps_too_but_not_under_ddp(tmp_path):
     from visiontune.build import build_datamodule, build_model
-    from visiontune.features import cache_applies
+    from visiontune.features import cache_applies, frozen_until
 
     cfg = compose_cfg(
         [*FAST, "finetune=freeze_unfreeze", "trainer.max_epochs=null", "+trainer.max_steps=20"], tmp_path
     )
     model = build_model(cfg, build_datamodule(cfg))
-    assert "unfreezes layers later" in cache_applies(model, cfg)
+    assert frozen_until(model.freeze_schedule, None) == 1
+    assert cache_applies(model, cfg) is None
+    assert "under DDP" in cache_applies(model, cfg, distributed=True)
 
 
 def test_linear_probe_on_cached_features_under_ddp(tmp_path):

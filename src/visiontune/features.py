@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from visiontune.data.cache import ArrayStore, files_fingerprint, target_of
-from visiontune.data.files import collate_skip_none
+from visiontune.data.cache import ArrayStore, files_fingerprint
+from visiontune.data.files import Collated, collate_skip_none
 
 log = logging.getLogger("visiontune")
 CHOICES = ("auto", True, False)
@@ -144,7 +145,34 @@ class FeatureDataset(Dataset):
         row = torch.from_numpy(np.asarray(self.features[view * self.n + i], dtype=np.float32))
         if torch.isnan(row).any():  # an unreadable image: skipped like the image path skips it
             return None
-        return row, target_of(self.base, i)
+        return row, self.base.target(i)
+
+    def __getitems__(self, indices: list[int]):
+        """A whole batch in one read (the DataLoader's batched fetch): one gather, one fp32 conversion,
+        instead of a row and a collate per sample. Unreadable images are skipped as in __getitem__."""
+        index = np.asarray(indices, dtype=np.int64)
+        if self.views > 1:
+            index = index + self.n * torch.randint(self.views, (len(index),)).numpy()
+        rows = torch.from_numpy(np.asarray(self.features[index], dtype=np.float32))
+        readable = ~torch.isnan(rows.flatten(1)).any(1)
+        if not readable.all():
+            rows, indices = (
+                rows[readable],
+                [i for i, ok in zip(indices, readable.tolist(), strict=True) if ok],
+            )
+            if not indices:
+                warnings.warn(
+                    f"skipping a batch: all {len(index)} of its images were unreadable", stacklevel=2
+                )
+                return None
+        labels = getattr(self.base, "labels", None)
+        if labels is not None and not hasattr(self.base, "targets"):  # one class per image: one gather
+            targets = torch.as_tensor(
+                np.asarray(labels)[np.asarray(indices, dtype=np.int64)], dtype=torch.int64
+            )
+        else:  # task datasets: {head: target} per sample
+            targets = default_collate([self.base.target(i) for i in indices])
+        return Collated((rows, targets))
 
 
 class PrefixSplit:
@@ -198,17 +226,31 @@ def prefix_split(backbone, frozen: set[int]) -> PrefixSplit | None:
     return PrefixSplit(backbone, steps, cut, tail) if cut >= 0 else None
 
 
-def cache_applies(model, cfg) -> str | None:
-    """None when the cache is exact for this run; otherwise why not (one phrase)."""
-    schedule = model.freeze_schedule
-    max_epochs = cfg.trainer.get("max_epochs")
-    if max_epochs is None and schedule.unfreezes:  # a max_steps run: its epochs are not known here
-        return f"finetune={cfg.finetune.name} unfreezes layers later"
-    epochs = int(max_epochs or 1)
+def frozen_until(schedule, max_epochs: int | None) -> int | None:
+    """The first epoch whose frozen set differs from epoch 0's, or None if it never does in the run.
+
+    A run without max_epochs (max_steps) is searched over a long horizon: its schedule is epoch-based.
+    """
     frozen = schedule.frozen_groups(0)
-    if not frozen or any(schedule.frozen_groups(e) != frozen for e in range(epochs)):
-        return f"finetune={cfg.finetune.name} freezes no layer for the whole run"
-    if frozen != set(range(schedule.num_groups)) and prefix_split(model.backbone, frozen) is None:
+    horizon = int(max_epochs) if max_epochs is not None else (10_000 if schedule.unfreezes else 1)
+    return next((e for e in range(1, horizon) if schedule.frozen_groups(e) != frozen), None)
+
+
+def cache_applies(model, cfg, distributed: bool = False) -> str | None:
+    """None when the cache is exact for this run (or for its opening frozen epochs); otherwise why not."""
+    schedule = model.freeze_schedule
+    frozen = schedule.frozen_groups(0)
+    until = frozen_until(schedule, cfg.trainer.get("max_epochs"))
+    if not frozen:
+        return f"finetune={cfg.finetune.name} freezes no layer at the start"
+    everything = frozen == set(range(schedule.num_groups))
+    if until is not None:  # cached for the opening frozen epochs only, then the images again
+        if not everything:
+            return f"finetune={cfg.finetune.name} starts with part of the backbone frozen, then changes it"
+        if distributed:
+            return (f"finetune={cfg.finetune.name} under DDP: the layers it unfreezes later must take part in "
+                    "every step from the start")  # fmt: skip
+    elif not everything and prefix_split(model.backbone, frozen) is None:
         return f"the frozen groups of {model.hparams.model['backbone']} do not start at its input (or its layers are not a known chain)"
     if schedule.soft_freeze is True:
         return "finetune.soft_freeze=true keeps the frozen layers trainable"
@@ -227,24 +269,38 @@ def cache_applies(model, cfg) -> str | None:
     return None
 
 
-def attach_feature_cache(model, datamodule, cfg, device: torch.device | str = "cpu") -> bool:
+def attach_feature_cache(
+    model, datamodule, cfg, device: torch.device | str = "cpu", trainer=None, resumed_epoch: int = 0
+) -> bool:
     """Swap the datamodule's splits for cached backbone features where exact; True when it did.
 
     `finetune.cache_features`: auto = wherever exact (logged), true = required (refused with the
     reason where it is not exact), false = never. The frozen layers run on `device` (the trainer's);
     under DDP every rank computes the cache for itself (or reads it from `finetune.cache_dir`).
+
+    A schedule that opens with the whole backbone frozen and unfreezes it later (freeze_unfreeze,
+    gradual) gets the cache for those opening epochs only: the datamodule serves the cached train and
+    val features while the epoch is below the unfreeze point and the images from then on, and the
+    trainer reloads its loaders at every epoch so that the switch happens (`trainer` is needed). A run
+    resumed from a checkpoint saved at or after the unfreeze point (`resumed_epoch`) needs no cache.
     """
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
     from visiontune.errors import UserError
 
     setting = cfg.finetune.get("cache_features", "auto")
     if setting is False:
         return False
-    why_not = cache_applies(model, cfg)
+    distributed = trainer is not None and not isinstance(trainer.strategy, SingleDeviceStrategy)
+    why_not = cache_applies(model, cfg, distributed)
     if why_not:
         if setting is True:
             raise UserError(
                 f"finetune.cache_features=true is not exact here: {why_not}. Use cache_features=auto"
             )
+        return False
+    until = frozen_until(model.freeze_schedule, cfg.trainer.get("max_epochs"))
+    if until is not None and (trainer is None or resumed_epoch >= until):
         return False
     datamodule.setup("fit")
     backbone = model.backbone
@@ -255,9 +311,9 @@ def attach_feature_cache(model, datamodule, cfg, device: torch.device | str = "c
     store = ArrayStore(cfg.finetune.get("cache_dir"), "feature cache")
     weights = weights_hash(backbone)
     names = list(schedule_names(model)) + ([f"cut:{split.names[-1]}"] if split else [])
-    for part in ("train_set", "val_set", "test_set"):
+    for part in ("train_set", "val_set") if until is not None else ("train_set", "val_set", "test_set"):
         dataset = getattr(datamodule, part)
-        if dataset is None or isinstance(dataset, FeatureDataset):
+        if dataset is None or isinstance(dataset, FeatureDataset) or part in datamodule.feature_sets:
             continue
         views = (
             int(cfg.finetune.get("cache_views") or 1)
@@ -278,7 +334,16 @@ def attach_feature_cache(model, datamodule, cfg, device: torch.device | str = "c
             log.info("feature cache: %s, %s %s computed (%s)", part[:-4], shape, what, where)
         else:
             log.info("feature cache: %s, %s %s read from %s", part[:-4], shape, what, store.root)
-        setattr(datamodule, part, FeatureDataset(features, dataset, views))
+        if until is None:
+            setattr(datamodule, part, FeatureDataset(features, dataset, views))
+        else:
+            datamodule.feature_sets[part] = FeatureDataset(features, dataset, views)
+    if until is not None:
+        datamodule.features_until = until
+        trainer.reload_dataloaders_every_n_epochs = 1  # so that the loaders switch to images at `until`
+        log.info("finetune.cache_features=%s: epochs 0-%d (backbone frozen) train the head on cached features; "
+                 "the images return at epoch %d, when the backbone unfreezes", setting, until - 1, until)  # fmt: skip
+        return True
     model.set_prefix_split(split)
     # the frozen set never changes, so the frozen layers are hard-frozen even under DDP: the layers the
     # cache replaced get no gradient, which a soft freeze (trainable at LR 0) would make DDP wait for

@@ -57,8 +57,9 @@ def train(cfg: DictConfig) -> float:
             datamodule.image_size,
         )
         model.set_teacher(teacher, cfg.distill.alpha, cfg.distill.temperature)
+    resumed_epoch = 0
     if ckpt_path:
-        check_resume(
+        resumed_epoch = check_resume(
             ckpt_path, cfg.model.backbone, datamodule.classes, bool(cfg.data.get("allow_class_mismatch"))
         )
     if cfg.model.compile:
@@ -103,7 +104,11 @@ def train(cfg: DictConfig) -> float:
     log.info("data: %s, image size %d, augment=%s", datamodule.name, datamodule.image_size, cfg.augment.name)
     check_cpu_budget(model, datamodule, cfg, trainer)
     # the frozen-feature cache first: it reads the splits through their per-sample transforms
-    attach_feature_cache(model, datamodule, cfg, trainer.strategy.root_device)
+    cache_start = time.perf_counter()
+    cached = attach_feature_cache(
+        model, datamodule, cfg, trainer.strategy.root_device, trainer, resumed_epoch
+    )
+    cache_time = time.perf_counter() - cache_start
     datamodule.enable_device_transforms(cfg.data.get("device_transforms", "auto"))
 
     suggestion = find_lr(trainer, model, datamodule, cfg, run_dir) if cfg.tune.lr_find else None
@@ -127,7 +132,10 @@ def train(cfg: DictConfig) -> float:
         **freeze.start_counts,
         best_ckpt=best.best_model_path,
         lr=model.lr,
+        peak_rss_mb=peak_rss_mb(),
     )
+    if cached:  # the frozen layers' pass over the data, before (and not in) train_time_s
+        metrics["feature_cache_s"] = round(cache_time, 2)
     if suggestion is not None:
         metrics["lr_find/suggestion"] = suggestion
     if trainer.is_global_zero:
@@ -202,9 +210,23 @@ def requeued_slurm_checkpoint(run_dir: Path) -> Path | None:
     return newest
 
 
-def check_resume(ckpt_path: str | Path, backbone: str, classes: list[str], allow_mismatch: bool) -> None:
-    """The checkpoint to resume loads safely, holds the same backbone, and the same class names in order."""
-    hparams = load_checkpoint(ckpt_path)["hyper_parameters"]
+def peak_rss_mb() -> float | None:
+    """The largest resident set of this process so far, in MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+
+
+def check_resume(ckpt_path: str | Path, backbone: str, classes: list[str], allow_mismatch: bool) -> int:
+    """The checkpoint to resume loads safely, holds the same backbone, and the same class names in order.
+
+    Returns the epoch it was saved in (the resumed run starts there, or at the next one).
+    """
+    checkpoint = load_checkpoint(ckpt_path)
+    hparams = checkpoint["hyper_parameters"]
     trained = (hparams.get("model") or {}).get("backbone")
     if trained is None:
         raise UserError(f"{ckpt_path} is not a checkpoint of this visiontune version (no model.backbone)")
@@ -214,6 +236,7 @@ def check_resume(ckpt_path: str | Path, backbone: str, classes: list[str], allow
             f"Fix: model.backbone={trained}, or train {backbone} from scratch without ckpt_path"
         )
     check_class_names(hparams.get("class_names"), list(classes), allow_mismatch)
+    return int(checkpoint.get("epoch") or 0)
 
 
 def check_cpu_budget(model, datamodule, cfg: DictConfig, trainer: L.Trainer) -> None:

@@ -131,13 +131,6 @@ def files_fingerprint(paths: list[str]) -> str:
     return digest.hexdigest()
 
 
-def target_of(dataset: Dataset, i: int):
-    """Sample i's target as the dataset itself returns it, without loading the image."""
-    if hasattr(dataset, "targets"):  # task datasets: {head: class index or 0/1 vector}
-        return {k: torch.as_tensor(v) for k, v in dataset.targets[i].items()}
-    return int(dataset.labels[i])
-
-
 def precrop_size(size: int, crop_pct: float) -> int:
     return size if crop_pct >= 1.0 else math.floor(size / crop_pct)
 
@@ -221,7 +214,7 @@ class DecodedImageDataset(Dataset):
         if not self.readable[i]:
             return None  # reported when the cache was built
         image = torch.from_numpy(np.array(self.images[i]))
-        return (self.transform(image) if self.transform else image), target_of(self.base, i)
+        return (self.transform(image) if self.transform else image), self.base.target(i)
 
 
 def cache_decoded(dataset, mode: str, cache_dir, size: int, crop_pct: float, interpolation: str,

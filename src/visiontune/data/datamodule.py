@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from visiontune import tasks
 from visiontune.data.cache import CACHE_MODES, RANDOM_CROP_PRESETS, cache_decoded
@@ -108,6 +108,10 @@ class ImageDataModule(L.LightningDataModule):
             None  # (train, eval) BatchTransform, see enable_device_transforms
         )
         self.balance = self.cfg.get("balance") or "none"
+        # finetune.cache_features for the frozen epochs that open a run (freeze_unfreeze, gradual):
+        # stand-in splits of cached features, served while the trainer's epoch is below `features_until`
+        self.feature_sets: dict[str, Dataset] = {}
+        self.features_until = 0
         if self.balance not in BALANCE:
             raise UserError(f"data.balance={self.balance} is unknown; choose one of {', '.join(BALANCE)}")
         if self.task:
@@ -411,15 +415,23 @@ class ImageDataModule(L.LightningDataModule):
         weights = 1.0 / np.maximum(self.class_counts(), 1).astype(np.float64)
         return torch.tensor(weights / weights.mean(), dtype=torch.float32)
 
+    def _fit_split(self, part: str) -> Dataset:
+        """The split a fit loop reads now: its cached features during the frozen epochs, else its images."""
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        if part in self.feature_sets and epoch < self.features_until:
+            return self.feature_sets[part]
+        return getattr(self, part)
+
     def train_dataloader(self) -> DataLoader:
         weights = None
         if self.balance == "sampler":  # each class drawn equally often, with replacement
             weights = 1.0 / np.maximum(self.class_counts()[self.train_labels()], 1)
         sampler = EpochShuffleSampler(len(self.train_set), self.seed, weights)
-        return self._loader(self.train_set, shuffle=True, sampler=sampler)
+        return self._loader(self._fit_split("train_set"), shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self._fit_split("val_set"), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)

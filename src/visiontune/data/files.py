@@ -56,11 +56,19 @@ class FileImageDataset(Dataset):
         return int(self.labels[i])
 
 
+class Collated(tuple):
+    """A batch that its dataset assembled in one go (`__getitems__`): collate_skip_none passes it on."""
+
+
 def collate_skip_none(batch):
     """default_collate over the readable samples; None (a skipped batch, with a warning) when there are none.
 
-    The training and evaluation steps skip a None batch.
+    The training and evaluation steps skip a None batch. A `Collated` batch is already assembled.
     """
+    if isinstance(batch, Collated):
+        return list(batch)
+    if batch is None:
+        return None
     samples = [b for b in batch if b is not None]
     if not samples:
         warnings.warn(f"skipping a batch: all {len(batch)} of its images were unreadable", stacklevel=2)

@@ -42,7 +42,11 @@ class TensorImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         image = self.images[i]
-        return (self.transform(image) if self.transform else image), int(self.labels[i])
+        return (self.transform(image) if self.transform else image), self.target(i)
+
+    def target(self, i: int) -> int:
+        """Sample i's target without its image (cached datasets read it so)."""
+        return int(self.labels[i])
 
 
 def _read_idx(path: Path) -> np.ndarray:
