@@ -25,7 +25,7 @@ data:
 		|| echo "warning: could not install dataset-fashion-mnist; torchvision will download it"; \
 	fi
 
-# The short default run: 10k Fashion-MNIST images at 64 px, 2 epochs (about 3 minutes on 2 CPU cores).
+# The short default run: 10k Fashion-MNIST images at 64 px, 2 epochs (about 2 minutes on 2 CPU cores).
 EXPERIMENT ?= fashion_mnist_lite0
 train: setup
 	$(PY) -m visiontune.train experiment=$(EXPERIMENT) $(ARGS)

@@ -139,10 +139,10 @@ class ImageClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 2:  # cached backbone features (finetune.cache_features): the head alone
             return self.head(x)
-        if self.prefix_split is not None:  # cached activations of the frozen bottom: the rest of it
-            return self.head(self.prefix_split.rest(x))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.prefix_split is not None:  # cached activations of the frozen bottom: the rest of it
+            return self.head(self.prefix_split.rest(x))
         return self.head(self.backbone(x))
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +164,11 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Dropout and MixUp draw from a seed per optimizer step, so a resume replays them exactly.
-        torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        seed = self.hparams.seed * 1_000_003 + self.global_step
+        if self.device.type == "cpu":  # the CPU generator alone: torch.manual_seed visits every backend
+            torch.random.default_generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
 
     def on_validation_end(self) -> None:
         """scheduler=plateau: cut the LR by `factor` when the monitor stalls for more than `patience` epochs."""
@@ -214,7 +218,7 @@ class ImageClassifier(L.LightningModule):
             seen = x.view(-1, views, *x.shape[1:])[:, 0] if views else x
             loss = distillation_loss(logits, self.teacher(seen), loss, **self.distill)
         hard = target.argmax(1) if target.ndim == 2 else target
-        self.train_acc(logits, hard)
+        self.train_acc.update(logits, hard)  # logged per epoch only: no per-batch value to compute
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
