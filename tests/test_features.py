@@ -300,6 +300,7 @@ def test_the_opening_frozen_epochs_train_on_cached_features_then_the_images_retu
         "trainer.max_epochs=2",
         "logger=csv",
         "scheduler=none",
+        "finetune.cache_features=true",  # auto leaves a single frozen epoch uncached (no time to gain)
     ]
     cached, live = BatchKinds(), BatchKinds()
     with caplog.at_level(logging.INFO, logger="visiontune"):
@@ -329,6 +330,28 @@ def test_the_opening_frozen_epochs_are_cached_under_max_steps_too_but_not_under_
     assert frozen_until(model.freeze_schedule, None) == 1
     assert cache_applies(model, cfg) is None
     assert "under DDP" in cache_applies(model, cfg, distributed=True)
+
+
+def test_auto_caches_two_opening_frozen_epochs_but_not_one(tmp_path, caplog):
+    from visiontune.build import build_datamodule, build_model
+    from visiontune.features import attach_feature_cache
+
+    class Trainer:  # what attach_feature_cache reads of a trainer
+        strategy = __import__("lightning").pytorch.strategies.SingleDeviceStrategy("cpu")
+        reload_dataloaders_every_n_epochs = 0
+
+    for at, cached in ((1, False), (2, True)):
+        cfg = compose_cfg([*FAST, "finetune=freeze_unfreeze", f"finetune.unfreeze_at_epoch={at}",
+                           "trainer.max_epochs=3"], tmp_path / str(at))  # fmt: skip
+        dm = build_datamodule(cfg)
+        trainer = Trainer()
+        with caplog.at_level(logging.INFO, logger="visiontune"):
+            assert attach_feature_cache(build_model(cfg, dm), dm, cfg, "cpu", trainer) is cached
+        assert (dm.features_until, trainer.reload_dataloaders_every_n_epochs) == (
+            (2, 1) if cached else (0, 0)
+        )
+        assert set(dm.feature_sets) == ({"train_set", "val_set"} if cached else set())
+    assert "costs what its one frozen epoch would save" in caplog.text
 
 
 def test_linear_probe_on_cached_features_under_ddp(tmp_path):

@@ -279,7 +279,8 @@ def attach_feature_cache(
     under DDP every rank computes the cache for itself (or reads it from `finetune.cache_dir`).
 
     A schedule that opens with the whole backbone frozen and unfreezes it later (freeze_unfreeze,
-    gradual) gets the cache for those opening epochs only: the datamodule serves the cached train and
+    gradual) gets the cache for those opening epochs only (under auto, from two such epochs or with a
+    cache_dir: one frozen epoch costs what the cache build does): the datamodule serves the cached train and
     val features while the epoch is below the unfreeze point and the images from then on, and the
     trainer reloads its loaders at every epoch so that the switch happens (`trainer` is needed). A run
     resumed from a checkpoint saved at or after the unfreeze point (`resumed_epoch`) needs no cache.
@@ -301,6 +302,11 @@ def attach_feature_cache(
         return False
     until = frozen_until(model.freeze_schedule, cfg.trainer.get("max_epochs"))
     if until is not None and (trainer is None or resumed_epoch >= until):
+        return False
+    if until == 1 and setting == "auto" and not cfg.finetune.get("cache_dir"):
+        log.info("finetune.cache_features=auto: not cached, since building the cache costs what its one frozen "
+                 "epoch would save (it pays from two frozen epochs, or with finetune.cache_dir kept for later "
+                 "runs; cache_features=true caches anyway)")  # fmt: skip
         return False
     datamodule.setup("fit")
     backbone = model.backbone
