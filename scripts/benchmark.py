@@ -1,6 +1,6 @@
 """Measure the template against a plain PyTorch loop, side by side in one run; print a table, write JSON.
 
-    .venv/bin/python scripts/benchmark.py [--out benchmark.json] [--only a,b,c,d,e,f] [--quick]
+    .venv/bin/python scripts/benchmark.py [--out benchmark.json] [--only a,b,c,d,e,f,g] [--quick]
     .venv/bin/python scripts/benchmark.py --device cuda --precision bf16-mixed --channels-last   # a GPU
 
 Every figure is EfficientNet-Lite0 (ImageNet weights) on Fashion-MNIST at 64 px, batch 64, AdamW,
@@ -16,7 +16,9 @@ consecutive training batches: loading, the step itself and every hook in between
   (d) freeze_groups with the bottom half frozen: median step / the full fine-tune's;
   (e) bf16-mixed and channels_last: median step / fp32's;
   (f) time to 89% test accuracy (10k train images; the clock stops while the test set is scored):
-      the template against the plain loop.
+      the template against the plain loop;
+  (g) memory: the linear probe's feature cache for the whole training set on disk (MB), and the time to
+      build it; the peak RSS of the process closes the table.
 
 `--quick` shrinks everything to check that the script runs (its figures mean nothing).
 """
@@ -45,6 +47,7 @@ from helpers import compose_cfg  # noqa: E402
 from visiontune import train as train_mod  # noqa: E402
 from visiontune.build import build_datamodule, build_model  # noqa: E402
 from visiontune.data.device import BatchTransform  # noqa: E402
+from visiontune.features import attach_feature_cache  # noqa: E402
 
 BASE = ["experiment=fashion_mnist_lite0", "logger=csv", "callbacks.progress.refresh_rate=0", "seed=0"]
 
@@ -191,7 +194,7 @@ def fmt(x, digits=3):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmark.json")
-    ap.add_argument("--only", default="a,b,c,d,e,f")
+    ap.add_argument("--only", default="a,b,c,d,e,f,g")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="32", help="precision of the (a) and (f) runs, e.g. bf16-mixed")
@@ -331,6 +334,26 @@ def main() -> None:
                                          "template_curve": t.curve, "plain_curve": curve}  # fmt: skip
         rows.append((f"(f) time to {target:.0%} test acc, template / plain (s)",
                      f"{fmt(t.reached, 0)} / {fmt(reached, 0)}", "-"))  # fmt: skip
+
+    if "g" in only:  # the linear probe's feature cache for the whole training set, stored on disk
+        store = work / "g-cache"
+        overrides = [*common, "finetune=linear_probe", f"finetune.cache_dir={store}"]
+        cfg = compose_cfg(
+            [*BASE, *overrides, *([] if args.quick else ["data.train_subset=null"])], work / "g"
+        )
+        dm = build_datamodule(cfg)
+        model = build_model(cfg, dm)
+        start = time.perf_counter()
+        attach_feature_cache(model, dm, cfg, args.device)
+        sizes = {f.name: f.stat().st_size / 2**20 for f in store.glob("*.npy")}
+        train_mb = max(sizes.values())  # the training split's file is the largest
+        results["g_feature_cache"] = {"train_images": len(dm.train_set), "train_mb": train_mb,
+                                      "all_splits_mb": sum(sizes.values()),
+                                      "build_s": time.perf_counter() - start}  # fmt: skip
+        rows.append((f"(g) linear-probe feature cache on disk, {len(dm.train_set)} train images (MB)",
+                     f"{train_mb:.0f}", "< 300"))  # fmt: skip
+        rows.append(("(g) building it for train + val + test (s)", f"{results['g_feature_cache']['build_s']:.0f}",
+                     "-"))  # fmt: skip
 
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows.append(("peak RSS of this process (MB)", f"{results['peak_rss_mb']:.0f}", "-"))

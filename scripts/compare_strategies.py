@@ -32,13 +32,16 @@ def main() -> None:
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         m = json.loads((run_dir / "metrics.json").read_text())
+        cache = m.get("feature_cache_s")
         rows.append(
             f"| `{name}` | {100 * m['test/acc']:.1f}% | {m['train_time_s']:.0f} s | "
+            f"{f'{cache:.0f} s' if cache is not None else '-'} | "
             f"{m['trainable_params'] / 1e6:.2f}M / {m['frozen_params'] / 1e6:.2f}M |"
         )
-    table = "\n".join(
-        ["| strategy | test acc | training time | trainable / frozen at start |", "|---|---|---|---|", *rows]
+    head = (
+        "| strategy | test acc | training time | feature cache (before fit) | trainable / frozen at start |"
     )
+    table = "\n".join([head, "|---|---|---|---|---|", *rows])
     (out / "summary.md").write_text(table + "\n")
     print(table)
 
