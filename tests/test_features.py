@@ -328,6 +328,8 @@ def test_the_opening_frozen_epochs_are_cached_under_max_steps_too_but_not_under_
     )
     model = build_model(cfg, build_datamodule(cfg))
     assert frozen_until(model.freeze_schedule, None) == 1
+    assert frozen_until(model.freeze_schedule, -1) == 1  # Lightning's endless run unfreezes too
+    assert frozen_until(model.freeze_schedule, 1) is None  # a one-epoch run never unfreezes
     assert cache_applies(model, cfg) is None
     assert "under DDP" in cache_applies(model, cfg, distributed=True)
 

@@ -229,10 +229,12 @@ def prefix_split(backbone, frozen: set[int]) -> PrefixSplit | None:
 def frozen_until(schedule, max_epochs: int | None) -> int | None:
     """The first epoch whose frozen set differs from epoch 0's, or None if it never does in the run.
 
-    A run without max_epochs (max_steps) is searched over a long horizon: its schedule is epoch-based.
+    A run without a bound on its epochs (max_epochs null, or -1 for Lightning's endless run) is searched
+    over a long horizon: its schedule is epoch-based.
     """
     frozen = schedule.frozen_groups(0)
-    horizon = int(max_epochs) if max_epochs is not None else (10_000 if schedule.unfreezes else 1)
+    bounded = max_epochs is not None and int(max_epochs) >= 0
+    horizon = int(max_epochs) if bounded else (10_000 if schedule.unfreezes else 1)
     return next((e for e in range(1, horizon) if schedule.frozen_groups(e) != frozen), None)
 
 
