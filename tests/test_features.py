@@ -258,7 +258,7 @@ class BatchKinds(__import__("lightning").Callback):
     and the head's weights at the end of each training epoch."""
 
     def __init__(self):
-        self.train, self.val, self.heads, self.top = {}, {}, [], []
+        self.train, self.val, self.heads, self.top, self.reload = {}, {}, [], [], []
 
     def on_train_start(self, trainer, pl_module):
         self.top.append(list(pl_module.backbone.parameters())[-1].detach().clone())
@@ -273,6 +273,7 @@ class BatchKinds(__import__("lightning").Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         self.heads.append({k: v.detach().clone() for k, v in pl_module.head.state_dict().items()})
         self.top.append(list(pl_module.backbone.parameters())[-1].detach().clone())
+        self.reload.append(trainer.reload_dataloaders_every_n_epochs)
 
 
 def run_with(cfg, monkeypatch, callback):
@@ -307,6 +308,7 @@ def test_the_opening_frozen_epochs_train_on_cached_features_then_the_images_retu
         run_with(compose_cfg(overrides, tmp_path / "cached"), monkeypatch, cached)
     assert "epochs 0-0 (backbone frozen) train the head on cached features" in caplog.text
     assert cached.train == {0: {2}, 1: {4}} and cached.val == {0: {2}, 1: {4}}
+    assert cached.reload == [1, 0]  # loaders reloaded for the switch, then the trainer's own setting
     run_with(compose_cfg([*overrides, "finetune.cache_features=false"], tmp_path / "live"), monkeypatch, live)
     assert live.train == {0: {4}, 1: {4}}
     for key, value in live.heads[0].items():
@@ -332,6 +334,20 @@ def test_the_opening_frozen_epochs_are_cached_under_max_steps_too_but_not_under_
     assert frozen_until(model.freeze_schedule, 1) is None  # a one-epoch run never unfreezes
     assert cache_applies(model, cfg) is None
     assert "under DDP" in cache_applies(model, cfg, distributed=True)
+
+
+def test_frozen_layers_with_dropout_or_stochastic_depth_are_not_cached(tmp_path):
+    """Live frozen layers stay in training mode (only BatchNorm is frozen), so their dropout draws."""
+    from visiontune.build import build_datamodule, build_model
+    from visiontune.features import cache_applies
+
+    cfg = compose_cfg([*FAST, "finetune=linear_probe"], tmp_path)
+    model = build_model(cfg, build_datamodule(cfg))
+    assert cache_applies(model, cfg) is None
+    model.backbone.body.layer4.add_module("drop", torch.nn.Dropout(0.0))  # a zero rate draws nothing
+    assert cache_applies(model, cfg) is None
+    model.backbone.body.layer4.add_module("drop", torch.nn.Dropout(0.1))
+    assert "Dropout, which is random in training" in cache_applies(model, cfg)
 
 
 def test_auto_caches_two_opening_frozen_epochs_but_not_one(tmp_path, caplog):

@@ -238,6 +238,19 @@ def frozen_until(schedule, max_epochs: int | None) -> int | None:
     return next((e for e in range(1, horizon) if schedule.frozen_groups(e) != frozen), None)
 
 
+def random_in_training(module: torch.nn.Module) -> bool:
+    """Dropout, timm's DropPath or torchvision's StochasticDepth with a non-zero rate."""
+    name = type(module).__name__
+    if isinstance(module, torch.nn.modules.dropout._DropoutNd) or name in (
+        "DropPath",
+        "StochasticDepth",
+        "DropBlock2d",
+    ):
+        rate = next((getattr(module, a) for a in ("p", "drop_prob", "drop_rate") if hasattr(module, a)), 1.0)
+        return bool(rate)
+    return False
+
+
 def cache_applies(model, cfg, distributed: bool = False) -> str | None:
     """None when the cache is exact for this run (or for its opening frozen epochs); otherwise why not."""
     schedule = model.freeze_schedule
@@ -254,6 +267,10 @@ def cache_applies(model, cfg, distributed: bool = False) -> str | None:
                     "every step from the start")  # fmt: skip
     elif not everything and prefix_split(model.backbone, frozen) is None:
         return f"the frozen groups of {model.hparams.model['backbone']} do not start at its input (or its layers are not a known chain)"
+    trunk = model.backbone if everything or until is not None else prefix_split(model.backbone, frozen).prefix
+    random_layers = sorted({type(m).__name__ for m in trunk.modules() if random_in_training(m)})
+    if random_layers:  # live frozen layers stay in training mode (only BatchNorm is frozen): these draw
+        return f"the frozen layers contain {', '.join(random_layers)}, which is random in training"
     if schedule.soft_freeze is True:
         return "finetune.soft_freeze=true keeps the frozen layers trainable"
     if schedule.train_bn:
@@ -348,7 +365,10 @@ def attach_feature_cache(
             datamodule.feature_sets[part] = FeatureDataset(features, dataset, views)
     if until is not None:
         datamodule.features_until = until
-        trainer.reload_dataloaders_every_n_epochs = 1  # so that the loaders switch to images at `until`
+        # reload the loaders every epoch so that they switch to images at `until`; the datamodule puts
+        # the user's setting back once the images are served (see ImageDataModule._fit_split)
+        datamodule.reload_setting = trainer.reload_dataloaders_every_n_epochs
+        trainer.reload_dataloaders_every_n_epochs = 1
         log.info("finetune.cache_features=%s: epochs 0-%d (backbone frozen) train the head on cached features; "
                  "the images return at epoch %d, when the backbone unfreezes", setting, until - 1, until)  # fmt: skip
         return True

@@ -112,6 +112,7 @@ class ImageDataModule(L.LightningDataModule):
         # stand-in splits of cached features, served while the trainer's epoch is below `features_until`
         self.feature_sets: dict[str, Dataset] = {}
         self.features_until = 0
+        self.reload_setting: int | None = None  # the trainer's own reload_dataloaders_every_n_epochs
         if self.balance not in BALANCE:
             raise UserError(f"data.balance={self.balance} is unknown; choose one of {', '.join(BALANCE)}")
         if self.task:
@@ -421,6 +422,9 @@ class ImageDataModule(L.LightningDataModule):
         epoch = trainer.current_epoch if trainer is not None else 0
         if part in self.feature_sets and epoch < self.features_until:
             return self.feature_sets[part]
+        if part == "val_set" and self.reload_setting is not None and trainer is not None:
+            # both loaders now serve images (the train loader switched first): stop reloading them
+            trainer.reload_dataloaders_every_n_epochs, self.reload_setting = self.reload_setting, None
         return getattr(self, part)
 
     def train_dataloader(self) -> DataLoader:
