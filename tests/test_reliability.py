@@ -113,6 +113,33 @@ def test_a_signal_saves_a_resumable_checkpoint_and_resume_is_exact(signum, tmp_p
         assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
 
 
+class CrashInEpoch1(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 2:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_is_exact_with_loader_worker_processes(tmp_path, monkeypatch):
+    """A loader with workers draws its first indices when its iterator is made, which Lightning does
+    before a resumed run's epoch (and mid-epoch skip) is set: the resumed epoch must still get its own
+    order, from an epoch's end and from the middle of an epoch."""
+    base = [*FAST, "data.num_workers=1", "scheduler=none", "data.device_transforms=false"]
+    train(compose_cfg([*base, "trainer.max_epochs=2"], tmp_path / "straight"))
+    train(compose_cfg([*base, "trainer.max_epochs=1"], tmp_path / "first"))
+    real_build = train_module.build_callbacks
+    monkeypatch.setattr(train_module, "build_callbacks", lambda cfg: [*real_build(cfg), CrashInEpoch1()])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose_cfg([*base, "trainer.max_epochs=2"], tmp_path / "crashed"))
+    monkeypatch.undo()
+    a = ckpt(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
+    for name, start in (("epoch_end", "first/checkpoints/last.ckpt"),
+                        ("mid_epoch", "crashed/checkpoints/on_exception.ckpt")):  # fmt: skip
+        train(compose_cfg([*base, "trainer.max_epochs=2", f"ckpt_path={tmp_path / start}"], tmp_path / name))
+        b = ckpt(tmp_path / name / "checkpoints" / "last.ckpt")["state_dict"]
+        for key, value in a.items():
+            assert torch.allclose(value.float(), b[key].float(), atol=1e-6), (name, key)
+
+
 def test_the_exit_code_of_a_signal_is_128_plus_its_number(tmp_path):
     proc = start_run(tmp_path / "run")
     interrupt_in_epoch_1(proc, signal.SIGTERM)

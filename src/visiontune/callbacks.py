@@ -127,17 +127,28 @@ class ResumeMidEpoch(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._batches = int(trainer.num_training_batches)
-        if not self._resume_at:
-            return
         loader = trainer.train_dataloader
         sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, EpochShuffleSampler):
-            sampler.skip = self._resume_at * int(loader.batch_size)
-            self.completed = self._resume_at
-        else:  # e.g. a distributed sampler: the epoch starts over
-            log.warning(
-                "resuming mid-epoch: this loader cannot skip ahead, epoch %d restarts", trainer.current_epoch
-            )
+        ours = isinstance(sampler, EpochShuffleSampler)
+        # Lightning made the loader's iterator before a resumed run's epoch was known. A loader with
+        # worker processes has already drawn its first indices then (one without workers draws them
+        # at the first batch), so such an iterator is made again once the epoch and the skip are set.
+        stale = ours and sampler.epoch != trainer.current_epoch
+        if ours:
+            sampler.set_epoch(trainer.current_epoch)
+        if self._resume_at:
+            if ours:
+                sampler.skip = self._resume_at * int(loader.batch_size)
+                self.completed = self._resume_at
+            else:  # e.g. a distributed sampler: the epoch starts over
+                log.warning(
+                    "resuming mid-epoch: this loader cannot skip ahead, epoch %d restarts",
+                    trainer.current_epoch,
+                )
+        if ours and (stale or self._resume_at) and getattr(loader, "num_workers", 0) > 0:
+            fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+            if fetcher is not None:
+                iter(fetcher)  # a fresh iterator over the sampler as it is now
         self._resume_at = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
