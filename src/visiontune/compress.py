@@ -5,7 +5,8 @@
   infers shapes, and `quantize_static` calibrates the activation ranges (MinMax) on `calib_images`
   training images through the checkpoint's eval transform. Weights are int8 per output channel,
   activations uint8 (U8S8: what ONNX Runtime's x86 kernels run fastest). Without VNNI their u8 x s8
-  dot products can saturate, so there `reduce_range=auto` keeps the weights to 7 bits. The final Softmax stays float, so close probabilities never tie at 8 bits.
+  dot products can saturate, so there `reduce_range=auto` keeps the weights to 7 bits. The final
+  Softmax stays float, so close probabilities never tie at 8 bits.
   Writes model.onnx, model.int8.onnx, preprocess.json.
 - `prune`: structured channel pruning with torch-pruning: its dependency graph couples every layer
   that shares channels (residual adds, depthwise convolutions, BatchNorm), group L2 magnitude picks

@@ -259,15 +259,16 @@ def cache_applies(model, cfg, distributed: bool = False) -> str | None:
     if not frozen:
         return f"finetune={cfg.finetune.name} freezes no layer at the start"
     everything = frozen == set(range(schedule.num_groups))
+    split = None if everything else prefix_split(model.backbone, frozen)
     if until is not None:  # cached for the opening frozen epochs only, then the images again
         if not everything:
             return f"finetune={cfg.finetune.name} starts with part of the backbone frozen, then changes it"
         if distributed:
             return (f"finetune={cfg.finetune.name} under DDP: the layers it unfreezes later must take part in "
                     "every step from the start")  # fmt: skip
-    elif not everything and prefix_split(model.backbone, frozen) is None:
+    elif not everything and split is None:
         return f"the frozen groups of {model.hparams.model['backbone']} do not start at its input (or its layers are not a known chain)"
-    trunk = model.backbone if everything or until is not None else prefix_split(model.backbone, frozen).prefix
+    trunk = model.backbone if split is None else split.prefix  # the layers the cache would stand in for
     random_layers = sorted({type(m).__name__ for m in trunk.modules() if random_in_training(m)})
     if random_layers:  # live frozen layers stay in training mode (only BatchNorm is frozen): these draw
         return f"the frozen layers contain {', '.join(random_layers)}, which is random in training"
