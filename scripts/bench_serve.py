@@ -36,7 +36,7 @@ def free_port() -> int:
 
 def test_pngs(ckpt: str, n: int) -> list[bytes]:
     from visiontune.build import checkpoint_datamodule, load_classifier
-    from visiontune.inference import raw_image
+    from visiontune.deploy.inference import raw_image
 
     datamodule = checkpoint_datamodule(load_classifier(ckpt))
     datamodule.setup("test")

@@ -47,7 +47,7 @@ from helpers import compose_cfg  # noqa: E402
 from visiontune import train as train_mod  # noqa: E402
 from visiontune.build import build_datamodule, build_model  # noqa: E402
 from visiontune.data.device import BatchTransform  # noqa: E402
-from visiontune.features import attach_feature_cache  # noqa: E402
+from visiontune.training.features import attach_feature_cache  # noqa: E402
 
 BASE = ["experiment=fashion_mnist_lite0", "logger=csv", "callbacks.progress.refresh_rate=0", "seed=0"]
 

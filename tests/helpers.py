@@ -11,11 +11,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from visiontune.backbones import backbone_data_config
 from visiontune.cli import CONF_DIR
 from visiontune.data import ImageDataModule
-from visiontune.finetune import ApplyFreeze
-from visiontune.module import ImageClassifier
+from visiontune.models.backbones import backbone_data_config
+from visiontune.training.finetune import ApplyFreeze
+from visiontune.training.module import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny everything: small subsets, small images, random init.

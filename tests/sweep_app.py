@@ -39,7 +39,7 @@ ConfigStore.instance().store(
         "hydra": {
             "searchpath": [f"file://{CONF}"],
             "sweep": {"dir": "sweep_app_runs", "subdir": "${hydra.job.num}"},
-            "callbacks": {"sweep_summary": {"_target_": "visiontune.sweep.SweepSummary"}},
+            "callbacks": {"sweep_summary": {"_target_": "visiontune.sweeper.summary.SweepSummary"}},
             "job_logging": {"root": {"level": "WARNING"}},
         },
     },

@@ -12,9 +12,9 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from visiontune.build import build_datamodule
+from visiontune.config import validate_config
+from visiontune.data.transforms import JSD_VIEWS, AugMixViews, eval_transform, train_transform
 from visiontune.errors import UserError
-from visiontune.transforms import JSD_VIEWS, AugMixViews, eval_transform, train_transform
-from visiontune.validate import validate_config
 
 ARGS = (32, (0.5,) * 3, (0.25,) * 3, "bilinear", 0.875)  # size, mean, std, interpolation, crop_pct
 

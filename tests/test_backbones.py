@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visiontune.backbones import (
+from visiontune.errors import UserError
+from visiontune.models.backbones import (
     LITE_NAMES,
     TORCHVISION_NAMES,
     backbone_data_config,
@@ -14,7 +15,6 @@ from visiontune.backbones import (
     lite_weights_file,
     load_lite_weights,
 )
-from visiontune.errors import UserError
 
 NAMES = [*TORCHVISION_NAMES, "efficientnet_lite0", "timm:resnet18", "timm:test_efficientnet"]
 DATA_KEYS = {"input_size", "mean", "std", "interpolation", "crop_pct"}

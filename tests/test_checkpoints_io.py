@@ -15,8 +15,8 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from visiontune.checkpoints import AtomicCheckpointIO, load_checkpoint, save_atomic
 from visiontune.errors import UserError
+from visiontune.training.checkpoints import AtomicCheckpointIO, load_checkpoint, save_atomic
 
 MARKER = "code_ran.marker"
 

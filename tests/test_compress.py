@@ -17,7 +17,7 @@ from visiontune import compress as compress_module
 from visiontune.build import checkpoint_datamodule, checkpoint_eval_transform, load_classifier
 from visiontune.cli import run_cli
 from visiontune.compress import CHANNEL_MULTIPLE, compress, finetune, prune_channels, save_pruned
-from visiontune.preprocess import load_spec, preprocess_image
+from visiontune.deploy.preprocess import load_spec, preprocess_image
 
 FIGURES = ("size_mb", "params", "macs", "latency_ms_b1", "latency_ms_b32", "test_acc")
 QUICK = ["latency_runs=5", "test_subset=64"]

@@ -20,8 +20,7 @@ from visiontune.data import (
     stratified_split,
     stratified_subset,
 )
-from visiontune.errors import UserError
-from visiontune.transforms import (
+from visiontune.data.transforms import (
     COMMON_KEYS,
     PRESET_KEYS,
     PRESETS,
@@ -29,6 +28,7 @@ from visiontune.transforms import (
     eval_transform,
     train_transform,
 )
+from visiontune.errors import UserError
 
 DATA_CONFIG = {
     "input_size": (3, 32, 32),

@@ -8,7 +8,7 @@ from helpers import FAST, compose_cfg, fashion_mnist_test_images
 from torchvision.transforms import v2
 
 from visiontune.data.device import BatchTransform, batch_generator
-from visiontune.transforms import eval_transform, train_transform
+from visiontune.data.transforms import eval_transform, train_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -75,7 +75,7 @@ def test_random_resized_crop_matches_the_per_sample_statistics():
 
 
 def weights(run_dir):
-    from visiontune.checkpoints import load_checkpoint
+    from visiontune.training.checkpoints import load_checkpoint
 
     return load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
 

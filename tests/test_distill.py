@@ -10,10 +10,10 @@ import torch
 from helpers import FAST, TINY, compose_cfg, run
 
 from visiontune.build import load_classifier
-from visiontune.checkpoints import load_checkpoint
-from visiontune.distill import Teacher, load_teacher
 from visiontune.errors import UserError
-from visiontune.losses import distillation_loss, jsd_consistency
+from visiontune.training.checkpoints import load_checkpoint
+from visiontune.training.distill import Teacher, load_teacher
+from visiontune.training.losses import distillation_loss, jsd_consistency
 
 
 def test_distillation_loss_equals_the_formula_on_a_hand_made_batch():

@@ -14,10 +14,10 @@ from helpers import ROOT, compose_cfg, fashion_mnist_test_images
 from PIL import Image
 
 from visiontune.build import checkpoint_datamodule, checkpoint_eval_transform, load_classifier
+from visiontune.data.transforms import eval_transform
+from visiontune.deploy.preprocess import load_spec, make_spec, preprocess_image, softmax
 from visiontune.errors import UserError
 from visiontune.export import export
-from visiontune.preprocess import load_spec, make_spec, preprocess_image, softmax
-from visiontune.transforms import eval_transform
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -13,13 +13,8 @@ from helpers import FAST, compose_cfg
 from visiontune.data.cache import ArrayStore
 from visiontune.data.files import FileImageDataset
 from visiontune.data.standard import TensorImageDataset
-from visiontune.features import (
-    cache_key,
-    compute_features,
-    data_fingerprint,
-    weights_hash,
-)
-from visiontune.transforms import eval_transform, train_transform
+from visiontune.data.transforms import eval_transform, train_transform
+from visiontune.training.features import cache_key, compute_features, data_fingerprint, weights_hash
 
 TRANSFORM = eval_transform(32, (0.5,) * 3, (0.25,) * 3, "bilinear", 1.0)
 
@@ -113,8 +108,8 @@ def probe(tmp_path, name, *extra):
 
 
 def test_linear_probe_on_cached_features_matches_the_uncached_run(tmp_path, caplog):
-    from visiontune.checkpoints import load_checkpoint
     from visiontune.train import train
+    from visiontune.training.checkpoints import load_checkpoint
 
     cache = tmp_path / "features"
     with caplog.at_level(logging.INFO, logger="visiontune"):
@@ -154,8 +149,8 @@ def test_cache_true_where_not_exact_is_refused(tmp_path, override, reason):
 
 @pytest.mark.parametrize("backbone, groups", [("efficientnet_lite0", {0, 1, 2}), ("resnet18", {0, 1})])
 def test_prefix_split_runs_the_same_network(backbone, groups):
-    from visiontune.backbones import create_backbone
-    from visiontune.features import prefix_split
+    from visiontune.models.backbones import create_backbone
+    from visiontune.training.features import prefix_split
 
     net = create_backbone(backbone, pretrained=False).eval()
     split = prefix_split(net, groups)
@@ -169,8 +164,8 @@ def test_prefix_split_runs_the_same_network(backbone, groups):
 
 
 def test_freeze_groups_trains_on_the_cached_prefix(tmp_path, caplog):
-    from visiontune.checkpoints import load_checkpoint
     from visiontune.train import train
+    from visiontune.training.checkpoints import load_checkpoint
 
     base = [*FAST, "finetune=freeze_groups", "finetune.groups=0:2", "logger=csv", "scheduler=none"]
     with caplog.at_level(logging.INFO, logger="visiontune"):
@@ -200,7 +195,7 @@ def test_freeze_groups_trains_on_the_cached_prefix(tmp_path, caplog):
 
 
 def test_cache_views_serve_k_augmented_views(tmp_path):
-    from visiontune.features import FeatureDataset, compute_views
+    from visiontune.training.features import FeatureDataset, compute_views
 
     trunk = tiny_trunk()
     flip = tensor_set()
@@ -222,7 +217,7 @@ def test_cache_views_serve_k_augmented_views(tmp_path):
 
 
 def test_feature_dataset_keeps_the_labels_for_balanced_sampling():
-    from visiontune.features import FeatureDataset
+    from visiontune.training.features import FeatureDataset
 
     data = tensor_set()
     features = compute_features(tiny_trunk(), data)
@@ -234,7 +229,7 @@ def test_a_batched_read_equals_the_per_sample_reads_and_skips_unreadable_rows():
     from torch.utils.data import DataLoader
 
     from visiontune.data.files import collate_skip_none
-    from visiontune.features import FeatureDataset
+    from visiontune.training.features import FeatureDataset
 
     data = tensor_set()
     features = compute_features(tiny_trunk(), data)
@@ -323,7 +318,7 @@ def test_the_opening_frozen_epochs_train_on_cached_features_then_the_images_retu
 
 def test_the_opening_frozen_epochs_are_cached_under_max_steps_too_but_not_under_ddp(tmp_path):
     from visiontune.build import build_datamodule, build_model
-    from visiontune.features import cache_applies, frozen_until
+    from visiontune.training.features import cache_applies, frozen_until
 
     cfg = compose_cfg(
         [*FAST, "finetune=freeze_unfreeze", "trainer.max_epochs=null", "+trainer.max_steps=20"], tmp_path
@@ -339,7 +334,7 @@ def test_the_opening_frozen_epochs_are_cached_under_max_steps_too_but_not_under_
 def test_frozen_layers_with_dropout_or_stochastic_depth_are_not_cached(tmp_path):
     """Live frozen layers stay in training mode (only BatchNorm is frozen), so their dropout draws."""
     from visiontune.build import build_datamodule, build_model
-    from visiontune.features import cache_applies
+    from visiontune.training.features import cache_applies
 
     cfg = compose_cfg([*FAST, "finetune=linear_probe"], tmp_path)
     model = build_model(cfg, build_datamodule(cfg))
@@ -352,7 +347,7 @@ def test_frozen_layers_with_dropout_or_stochastic_depth_are_not_cached(tmp_path)
 
 def test_auto_caches_two_opening_frozen_epochs_but_not_one(tmp_path, caplog):
     from visiontune.build import build_datamodule, build_model
-    from visiontune.features import attach_feature_cache
+    from visiontune.training.features import attach_feature_cache
 
     class Trainer:  # what attach_feature_cache reads of a trainer
         strategy = __import__("lightning").pytorch.strategies.SingleDeviceStrategy("cpu")

@@ -11,7 +11,7 @@ from helpers import changed, make_run, snapshot
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from visiontune.errors import UserError
-from visiontune.finetune import FreezeGroups, Gradual, create_schedule, select_groups
+from visiontune.training.finetune import FreezeGroups, Gradual, create_schedule, select_groups
 
 
 class BNModeProbe(L.Callback):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import compose_cfg, make_fashion_tasks
 
-from visiontune import tasks
+from visiontune.deploy import outputs
 from visiontune.eval import evaluate
 from visiontune.export import export
 from visiontune.predict import predict
@@ -145,6 +145,6 @@ def test_a_tiny_multilabel_run_tunes_thresholds_that_predict_export_and_serve_us
     assert result["max_abs_diff"] <= 1e-4
     spec = json.loads((tmp_path / "export" / "preprocess.json").read_text())
     assert spec["task"]["heads"][0]["thresholds"] == pytest.approx(thresholds.tolist())
-    assert tasks.decide(probs, spec["task"])["labels"] == [
+    assert outputs.decide(probs, spec["task"])["labels"] == [
         (x["label"], pytest.approx(x["prob"])) for x in answer["labels"]
     ]

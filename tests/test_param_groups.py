@@ -7,9 +7,9 @@ import torch
 from helpers import make_run
 from torch import nn
 
-from visiontune.backbones import create_backbone
-from visiontune.param_groups import backbone_lr_scale, build_param_groups
-from visiontune.schedules import lr_factor
+from visiontune.models.backbones import create_backbone
+from visiontune.training.param_groups import backbone_lr_scale, build_param_groups
+from visiontune.training.schedules import lr_factor
 
 
 def groups_for(backbone, **kwargs):

@@ -11,10 +11,10 @@ import torch
 from helpers import ROOT, compose_cfg, write_images
 
 from visiontune.build import checkpoint_eval_transform, load_classifier
+from visiontune.data.images import open_image
 from visiontune.errors import UserError
 from visiontune.eval import evaluate
 from visiontune.predict import predict, predict_probs, resolve_inputs
-from visiontune.preprocess import open_image
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess:

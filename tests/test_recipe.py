@@ -139,7 +139,7 @@ def test_resume_continues_exactly(tiny_cfg, tmp_path):
 
 
 def test_plateau_update_is_reduce_on_plateau_for_a_maximised_metric():
-    from visiontune.schedules import plateau_update
+    from visiontune.training.schedules import plateau_update
 
     assert plateau_update(0.5, 0, 0.6, patience=1, factor=0.1) == (0.6, 0, 1.0)
     assert plateau_update(0.6, 0, 0.6, patience=1, factor=0.1) == (0.6, 1, 1.0)
@@ -153,8 +153,8 @@ def test_plateau_scheduler_cuts_the_lr_when_val_acc_stalls(monkeypatch):
     trainer, model, dm, _ = make_run(
         {"name": "full"}, epochs=3, scheduler=sched, callbacks=[lrs], limit_val_batches=1
     )
-    import visiontune.module as module
-    from visiontune.schedules import plateau_update
+    import visiontune.training.module as module
+    from visiontune.training.schedules import plateau_update
 
     # val/acc pinned at 0.3 (the update rule itself is tested above)
     monkeypatch.setattr(
@@ -168,7 +168,7 @@ def test_plateau_scheduler_cuts_the_lr_when_val_acc_stalls(monkeypatch):
 
 
 def test_atomic_checkpoint_save_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
-    from visiontune.checkpoints import AtomicCheckpointIO
+    from visiontune.training.checkpoints import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from helpers import ROOT, compose_cfg, write_images
 
-from visiontune import calibration, report
 from visiontune.build import checkpoint_datamodule, load_classifier
+from visiontune.deploy.inference import check_class_names, collect_logits, indexed_loader
 from visiontune.errors import UserError
 from visiontune.eval import evaluate
-from visiontune.inference import check_class_names, collect_logits, indexed_loader
+from visiontune.evaluation import calibration, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

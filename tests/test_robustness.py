@@ -12,7 +12,10 @@ from torch.utils.data import Subset
 from torchvision.transforms.v2 import functional as TF
 
 from visiontune.build import checkpoint_datamodule, load_classifier
-from visiontune.corruptions import (
+from visiontune.config import validate_eval_config
+from visiontune.deploy.inference import collect_logits, indexed_loader
+from visiontune.eval import evaluate
+from visiontune.evaluation.corruptions import (
     CORRUPTIONS,
     RANDOM,
     SEVERITIES,
@@ -21,10 +24,7 @@ from visiontune.corruptions import (
     corrupt_indexed,
     trail_kernel,
 )
-from visiontune.eval import evaluate
-from visiontune.inference import collect_logits, indexed_loader
-from visiontune.robustness import CLEAN, read_csv, subset_indices
-from visiontune.validate import validate_eval_config
+from visiontune.evaluation.robustness import CLEAN, read_csv, subset_indices
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_robustness_eval_writes_its_table_figure_and_metrics(tiny_checkpoint, tm
 def test_the_clean_path_is_the_eval_transform_cut_in_two(images):
     from PIL import Image
 
-    from visiontune.transforms import eval_geometry, eval_transform, normalise
+    from visiontune.data.transforms import eval_geometry, eval_transform, normalise
 
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
     for crop_pct in (1.0, 0.875):
@@ -185,7 +185,7 @@ def test_the_clean_path_is_the_eval_transform_cut_in_two(images):
 
 
 def test_a_grey_source_stays_grey_under_noise(images):
-    from visiontune.robustness import corrupt_split, is_grey
+    from visiontune.evaluation.robustness import corrupt_split, is_grey
 
     assert is_grey(images) and not is_grey(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8))
     out = corrupt_split(images, torch.arange(8), "gaussian_noise", 5, seed=0, grey=True)

@@ -1,4 +1,4 @@
-"""Tasks (tasks.py): losses and metrics against direct formulas, threshold tuning, uncertainty weights,
+"""Tasks (models/heads.py, training/tasks.py, deploy/outputs.py): losses and metrics against direct formulas, threshold tuning, uncertainty weights,
 the multilabel / multitask CSV formats and their bad-input errors."""
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ import torch
 import torch.nn.functional as F
 from helpers import compose_cfg, run
 
-from visiontune import tasks
 from visiontune.build import build_datamodule
+from visiontune.config import validate_config
 from visiontune.data.files import read_task_csv, scan_task_csv, task_classes
+from visiontune.deploy import outputs
 from visiontune.errors import UserError
-from visiontune.module import ImageClassifier
-from visiontune.validate import validate_config
+from visiontune.models import heads as H
+from visiontune.training import tasks
+from visiontune.training.module import ImageClassifier
 
 
 def head(name, kind, classes, start=0, **kw):
-    return tasks.Head(name, kind, tuple(classes), start, **kw)
+    return H.Head(name, kind, tuple(classes), start, **kw)
 
 
 def average_precision(scores: list[float], relevant: list[int]) -> float:
@@ -96,7 +98,7 @@ def test_map_leaves_out_labels_without_positives_and_missing_entries():
 
 
 def test_head_scores_name_each_heads_metrics_and_their_mean():
-    heads = tasks.task_heads(
+    heads = H.task_heads(
         {"name": "multitask", "heads": [
             {"name": "class", "kind": "multiclass", "classes": ["a", "b"]},
             {"name": "tags", "kind": "multilabel", "classes": ["x", "y"]},
@@ -109,7 +111,7 @@ def test_head_scores_name_each_heads_metrics_and_their_mean():
     assert out["test/tags/map"] == pytest.approx(1.0) and out["test/tags/f1"] == pytest.approx(1.0)
     assert out["test/score"] == pytest.approx(0.75)
     assert out["test/tags/ap/x"] == pytest.approx(1.0)
-    single = tasks.task_heads(
+    single = H.task_heads(
         {"name": "multilabel", "heads": [{"name": "labels", "kind": "multilabel", "classes": ["x", "y"]}]}
     )
     out = tasks.head_scores(logits[:, 2:], {"labels": targets["tags"]}, single, torch.full((2,), 0.5), "val")
@@ -146,7 +148,7 @@ def test_tuned_thresholds_change_only_multilabel_heads():
 def test_probabilities_are_a_softmax_per_multiclass_head_and_a_sigmoid_per_label():
     heads = [head("c", "multiclass", "abc", 0), head("t", "multilabel", "xy", 3)]
     logits = torch.randn(4, 5)
-    p = tasks.probabilities(logits, heads, temperature=2.0)
+    p = H.probabilities(logits, heads, temperature=2.0)
     assert torch.allclose(p[:, :3], (logits[:, :3] / 2).softmax(-1))
     assert torch.allclose(p[:, 3:], logits[:, 3:].sigmoid())
 
@@ -214,16 +216,16 @@ def test_prediction_cells_and_serve_answers_use_the_thresholds():
          "thresholds": [0.5, 0.9, 0.2]},
     ]}  # fmt: skip
     probs = [0.3, 0.7, 0.6, 0.8, 0.25]
-    cells = tasks.prediction_cells(probs, spec)
+    cells = outputs.prediction_cells(probs, spec)
     assert cells == {"c/label": "b", "c/prob": "0.700000", "t/labels": "x|z", "t/probs": "0.600000|0.250000"}
-    target = tasks.target_cells({"c": 1, "t": torch.tensor([1.0, 0.0, 1.0])}, spec, cells)
+    target = outputs.target_cells({"c": 1, "t": torch.tensor([1.0, 0.0, 1.0])}, spec, cells)
     assert target == {"c/target": "b", "c/correct": 1, "t/target": "x|z", "t/correct": 1}
-    missing = tasks.target_cells({"c": -1, "t": torch.tensor([-1.0, -1.0, -1.0])}, spec, cells)
+    missing = outputs.target_cells({"c": -1, "t": torch.tensor([-1.0, -1.0, -1.0])}, spec, cells)
     assert missing == {}
-    answer = tasks.describe(probs, spec, topk=2)["heads"]
+    answer = outputs.describe(probs, spec, topk=2)["heads"]
     assert answer["c"]["label"] == "b" and [t["label"] for t in answer["c"]["topk"]] == ["b", "a"]
     assert [x["label"] for x in answer["t"]["labels"]] == ["x", "z"]
-    assert tasks.head_columns(spec, True) == ["c/label", "c/prob", "c/target", "c/correct",
+    assert outputs.head_columns(spec, True) == ["c/label", "c/prob", "c/target", "c/correct",
                                               "t/labels", "t/probs", "t/target", "t/correct"]  # fmt: skip
 
 
@@ -246,7 +248,7 @@ def test_multilabel_csv_separated_and_0_1_columns_give_the_same_targets(tmp_path
     image_files(tmp_path, 3)
     sep = write_csv(tmp_path / "sep.csv", "path,labels\n0.png,cat|dog\n1.png,\n2.png,dog\n")
     cols = write_csv(tmp_path / "cols.csv", "path,cat,dog\n0.png,1,1\n1.png,0,0\n2.png,0,1\n")
-    heads = tasks.config_heads({"name": "multilabel"})
+    heads = H.config_heads({"name": "multilabel"})
     for path in (sep, cols):
         resolved = task_classes(path, heads, "|", multitask=False)
         assert resolved[0]["classes"] == ["cat", "dog"]
@@ -287,7 +289,7 @@ def test_bad_task_csvs_are_one_line_user_errors(tmp_path):
         task_classes(empty, heads, "|", multitask=True)
     labels = write_csv(tmp_path / "ml.csv", "path,labels\n0.png,\n1.png,\n")
     with pytest.raises(UserError, match="has no labels at all"):
-        task_classes(labels, tasks.config_heads({"name": "multilabel"}), "|", multitask=False)
+        task_classes(labels, H.config_heads({"name": "multilabel"}), "|", multitask=False)
 
 
 HEADS = "task.heads=[{name: digit, column: digit, kind: multiclass, weight: 1.0}, {name: parity, column: parity, kind: multiclass, weight: 0.5}]"

@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from visiontune.cli import CONF_DIR
+from visiontune.config import validate_config, validate_eval_config
 from visiontune.errors import UserError
-from visiontune.validate import validate_config, validate_eval_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = Path(CONF_DIR)

@@ -6,18 +6,14 @@ these functions, so a checkpoint is always rebuilt exactly the way it was traine
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig
 
-from visiontune.backbones import backbone_data_config
-from visiontune.checkpoints import load_checkpoint
 from visiontune.cli import plain
 from visiontune.data import ImageDataModule
-from visiontune.errors import UserError
-from visiontune.module import ImageClassifier
-from visiontune.structure import apply_structure
-from visiontune.transforms import batch_mix, eval_transform
+from visiontune.data.transforms import batch_mix, eval_transform
+from visiontune.models.backbones import backbone_data_config
+from visiontune.training.checkpoints import load_classifier
+from visiontune.training.module import ImageClassifier
 
 NO_AUGMENT = {"name": "none"}
 
@@ -51,27 +47,6 @@ def build_model(cfg: DictConfig, datamodule: ImageDataModule) -> ImageClassifier
     if cfg.augment.get("jsd"):
         model.jsd_weight = float(cfg.augment.get("jsd_weight", 12.0))
     return model
-
-
-def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
-    """Rebuild a trained model from its checkpoint alone, in eval mode.
-
-    The backbone is built with random init and then takes the checkpoint's weights, so nothing is
-    downloaded and a `file:` backbone does not need its original weights file.
-    """
-    checkpoint = load_checkpoint(ckpt_path)
-    hparams = dict(checkpoint["hyper_parameters"])
-    hparams["model"] = {**hparams["model"], "pretrained": False}
-    model = ImageClassifier(**hparams)
-    if checkpoint.get("structure"):  # a pruned model (compress method=prune): its narrower layers
-        apply_structure(model, checkpoint["structure"], checkpoint["state_dict"])
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as exc:
-        raise UserError(
-            f"{ckpt_path}: the weights do not fit the model it describes ({str(exc).splitlines()[0]})"
-        ) from None
-    return model.eval()
 
 
 def checkpoint_datamodule(model: ImageClassifier, patch: dict | None = None) -> ImageDataModule:

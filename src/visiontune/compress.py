@@ -49,16 +49,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from visiontune.build import checkpoint_datamodule, load_classifier
-from visiontune.callbacks import RunClock
-from visiontune.checkpoints import save_atomic
 from visiontune.cli import CONF_DIR, plain, run_cli
+from visiontune.config import validate_compress_config
+from visiontune.deploy.inference import check_class_names, cli_data_patch, indexed_loader, quiet_warnings
 from visiontune.errors import UserError
 from visiontune.export import export, parity_indices
-from visiontune.finetune import create_schedule
-from visiontune.inference import check_class_names, cli_data_patch, indexed_loader, quiet_warnings
-from visiontune.module import ImageClassifier
-from visiontune.structure import describe_structure
-from visiontune.validate import validate_compress_config
+from visiontune.models.structure import describe_structure
+from visiontune.training.callbacks import RunClock
+from visiontune.training.checkpoints import save_atomic
+from visiontune.training.finetune import create_schedule
+from visiontune.training.module import ImageClassifier
 
 log = logging.getLogger("visiontune")
 WARMUP_RUNS = 10

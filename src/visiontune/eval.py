@@ -21,12 +21,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from visiontune import calibration, report, robustness, tasks
 from visiontune.build import checkpoint_datamodule, load_classifier
-from visiontune.checkpoints import load_checkpoint, save_atomic
 from visiontune.cli import CONF_DIR, print_summary, run_cli
-from visiontune.errors import UserError
-from visiontune.inference import (
+from visiontune.config import validate_eval_config
+from visiontune.deploy import outputs
+from visiontune.deploy.inference import (
     check_class_names,
     cli_data_patch,
     collect_logits,
@@ -35,7 +34,10 @@ from visiontune.inference import (
     quiet_warnings,
     temperature_of,
 )
-from visiontune.validate import validate_eval_config
+from visiontune.errors import UserError
+from visiontune.evaluation import calibration, report, robustness
+from visiontune.training import tasks
+from visiontune.training.checkpoints import load_checkpoint, save_atomic
 
 log = logging.getLogger("visiontune")
 SUMMARY = ("test/acc", "test/top5", "test/macro_f1", "test/loss", "test/nll", "test/ece", "temperature",
@@ -159,12 +161,12 @@ def evaluate_task(model, datamodule, cfg: DictConfig, run_dir: Path) -> dict:
                 f"{key}=true is for multiclass checkpoints; this one is task={task}. Fix: {key}=false"
             )
     loader = indexed_loader(datamodule.test_set, like=datamodule.test_dataloader())
-    logits, targets, _ = tasks.collect_outputs(model, loader)
+    logits, targets, _ = outputs.collect_outputs(model, loader)
     heads, thresholds = model.objective.heads, model.head.thresholds.cpu()
     metrics = tasks.head_scores(logits, targets, heads, thresholds, "test", per_label=True)
     metrics.update({"test/images": len(logits), "ckpt_path": str(cfg.ckpt_path), "task": task})
     if cfg.report.enabled:
-        rows = report.per_label_rows(tasks.probabilities(logits, heads), targets, heads, thresholds)
+        rows = report.per_label_rows(heads.probabilities(logits, heads), targets, heads, thresholds)
         report.write_per_label_csv(rows, run_dir / "per_label.csv")
         report.write_task_report_md(run_dir / "report.md", metrics, rows, str(cfg.ckpt_path))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

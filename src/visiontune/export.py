@@ -34,18 +34,19 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from visiontune import tasks
 from visiontune.build import checkpoint_datamodule, load_classifier
 from visiontune.cli import CONF_DIR, run_cli
-from visiontune.errors import UserError
-from visiontune.inference import (
+from visiontune.deploy import outputs
+from visiontune.deploy.inference import (
     check_class_names,
     cli_data_patch,
     quiet_warnings,
     raw_image,
     temperature_of,
 )
-from visiontune.preprocess import INTERPOLATIONS, load_spec, make_spec, preprocess_image, softmax
+from visiontune.deploy.preprocess import INTERPOLATIONS, load_spec, make_spec, preprocess_image, softmax
+from visiontune.errors import UserError
+from visiontune.models import heads
 
 log = logging.getLogger("visiontune")
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -71,7 +72,7 @@ class Deployable(nn.Module):
         if self.output == "logits":
             return logits
         if self.heads is not None:  # multilabel / multitask: each head's own probabilities
-            return tasks.probabilities(logits, self.heads, self.temperature)
+            return heads.probabilities(logits, self.heads, self.temperature)
         return torch.softmax(logits / self.temperature, dim=-1)
 
 
@@ -144,7 +145,7 @@ def parity_check(runner: Runner, model: nn.Module, spec: dict, images, eval_tran
 
     def probs(logits: np.ndarray) -> np.ndarray:
         if spec.get("task"):  # multilabel / multitask: each head's own
-            return tasks.deployed_probabilities(logits, spec)
+            return outputs.deployed_probabilities(logits, spec)
         return softmax(logits, temperature)
 
     exported = runner(deployed)
@@ -186,7 +187,7 @@ def export(cfg: DictConfig, patch: dict | None = None) -> dict:
                      datamodule.std, class_names, temperature, cfg.output,
                      backbone=str(model.hparams.model.get("backbone", "")))  # fmt: skip
     if model.objective is not None:  # multilabel / multitask: the heads' slices, classes, thresholds
-        spec["task"] = tasks.task_spec(model.hparams.task, model.head.thresholds)
+        spec["task"] = outputs.task_spec(model.hparams.task, model.head.thresholds)
     if datamodule.interpolation not in INTERPOLATIONS:
         raise UserError(
             f"interpolation {datamodule.interpolation}: preprocess.json readers reproduce only "

@@ -28,13 +28,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from visiontune import tasks
 from visiontune.build import checkpoint_datamodule, load_classifier
-from visiontune.calibration import scaled_probs
 from visiontune.cli import CONF_DIR, print_summary, run_cli
 from visiontune.data.files import IMAGE_EXTENSIONS, check_image
-from visiontune.errors import UserError
-from visiontune.inference import (
+from visiontune.data.images import open_image
+from visiontune.deploy import outputs
+from visiontune.deploy.inference import (
     Indexed,
     check_class_names,
     cli_data_patch,
@@ -43,7 +42,9 @@ from visiontune.inference import (
     quiet_warnings,
     temperature_of,
 )
-from visiontune.preprocess import open_image
+from visiontune.errors import UserError
+from visiontune.evaluation.calibration import scaled_probs
+from visiontune.models import heads
 
 log = logging.getLogger("visiontune")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -140,7 +141,7 @@ def predict_probs(model, images: torch.Tensor, temperature: float, tta: str = "n
 
 def output_probs(model, logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if getattr(model, "objective", None) is not None:  # multilabel / multitask
-        return tasks.probabilities(logits, model.objective.heads, temperature)
+        return heads.probabilities(logits, model.objective.heads, temperature)
     return scaled_probs(logits, temperature)
 
 
@@ -155,7 +156,7 @@ def prediction_columns(k: int, with_target: bool) -> list[str]:
 
 def run_predictions(model, dataset, names: list[str], class_names, temperature, topk, tta, batch_size,
                     num_workers, device, spec: dict | None = None) -> list[dict]:  # fmt: skip
-    """One row per item of `dataset` (FileInputs or SplitInputs), in order; `spec` (tasks.task_spec)
+    """One row per item of `dataset` (FileInputs or SplitInputs), in order; `spec` (outputs.task_spec)
     for a multilabel or multitask model."""
     k = min(topk, len(class_names))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
@@ -172,9 +173,9 @@ def run_predictions(model, dataset, names: list[str], class_names, temperature, 
             row = {"path": names[i], "error": errors[j]}
             if spec is not None:
                 if j in position:
-                    row.update(tasks.prediction_cells(probs[position[j]], spec))
+                    row.update(outputs.prediction_cells(probs[position[j]], spec))
                 if targets is not None and isinstance(targets[j], dict):
-                    row.update(tasks.target_cells(targets[j], spec, row if j in position else None))
+                    row.update(outputs.target_cells(targets[j], spec, row if j in position else None))
                 rows.append(row)
                 continue
             if j in position:
@@ -233,13 +234,15 @@ def predict(cfg: DictConfig, patch: dict | None = None) -> dict:
         source = datamodule.test_set if split == "test" else datamodule.val_set
         dataset = SplitInputs(source)
         names = [item_name(source, i, split) for i in range(len(source))]
-    spec = tasks.task_spec(model.hparams.task, model.head.thresholds) if model.objective is not None else None
+    spec = (
+        outputs.task_spec(model.hparams.task, model.head.thresholds) if model.objective is not None else None
+    )
     rows = run_predictions(model, dataset, names, class_names, temperature, int(cfg.topk), cfg.tta,
                            batch_size, int(cfg.num_workers), device, spec)  # fmt: skip
     k = min(int(cfg.topk), len(class_names))
     columns = prediction_columns(k, split is not None)
     if spec is not None:
-        columns = ["path", *tasks.head_columns(spec, split is not None), "error"]
+        columns = ["path", *outputs.head_columns(spec, split is not None), "error"]
     write_rows(rows, columns, run_dir / "predictions.csv")
     errors = sum(1 for r in rows if r["error"])
     summary = {"images": len(rows) - errors, "errors": errors, "temperature": temperature}

@@ -26,7 +26,7 @@ def preview(overrides: list[str], n: int, out: Path) -> Path:
 
     from visiontune.build import build_datamodule
     from visiontune.cli import CONF_DIR, plain
-    from visiontune.transforms import batch_mix
+    from visiontune.data.transforms import batch_mix
 
     if n < 1:
         raise UserError(f"--n {n}: ask for at least one sample")

@@ -53,7 +53,7 @@ class BadRequest(Exception):
 class TorchPredictor:
     def __init__(self, ckpt_path: str, device: str = "auto"):
         from visiontune.build import checkpoint_eval_transform, load_classifier
-        from visiontune.inference import pick_device, temperature_of
+        from visiontune.deploy.inference import pick_device, temperature_of
 
         self.device = pick_device(device)
         self.model = load_classifier(ckpt_path).to(self.device)
@@ -65,7 +65,7 @@ class TorchPredictor:
         self.source = str(ckpt_path)
         self.task = None  # multilabel / multitask: tasks.task_spec, and answers per head
         if self.model.objective is not None:
-            from visiontune.tasks import task_spec
+            from visiontune.deploy.outputs import task_spec
 
             self.task = task_spec(self.model.hparams.task, self.model.head.thresholds.cpu())
 
@@ -81,7 +81,7 @@ class OnnxPredictor:
     def __init__(self, onnx_path: str):
         import onnxruntime as ort
 
-        from visiontune.preprocess import load_spec
+        from visiontune.deploy.preprocess import load_spec
 
         path = Path(onnx_path)
         spec_path = path.with_name("preprocess.json")
@@ -103,14 +103,14 @@ class OnnxPredictor:
         self.source = str(path)
 
     def __call__(self, images: list) -> np.ndarray:
-        from visiontune.preprocess import preprocess_image, softmax
+        from visiontune.deploy.preprocess import preprocess_image, softmax
 
         batch = np.stack([preprocess_image(image, self.spec) for image in images])
         out = self.session.run(None, {self.input_name: batch})[0]
         if self.spec["output"] == "probabilities":
             return out
         if self.task is not None:
-            from visiontune.tasks import deployed_probabilities
+            from visiontune.deploy.outputs import deployed_probabilities
 
             return deployed_probabilities(out, self.spec)
         return softmax(out, self.temperature)
@@ -188,7 +188,7 @@ def decode(data: bytes):
     """Request bytes -> RGB image, or BadRequest(400) saying why not."""
     from PIL import Image
 
-    from visiontune.preprocess import open_image
+    from visiontune.data.images import open_image
 
     if not data:
         raise BadRequest(400, "empty request: send the image as the request body or as a multipart file")
@@ -303,7 +303,7 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
             log.exception("prediction failed")
             return JSONResponse({"error": f"prediction failed ({type(exc).__name__})"}, status_code=500)
         if getattr(predictor, "task", None):  # multilabel / multitask
-            from visiontune.tasks import describe
+            from visiontune.deploy.outputs import describe
 
             return describe(probs, predictor.task, k)
         order = np.argsort(-probs, kind="stable")[:k]

@@ -24,16 +24,22 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from visiontune.build import build_datamodule, build_model
-from visiontune.callbacks import LastCheckpoint, ResumeMidEpoch, RunClock, SaveOnInterrupt, format_seconds
-from visiontune.checkpoints import AtomicCheckpointIO, load_checkpoint
 from visiontune.cli import CONF_DIR, SUMMARY_KEYS, RunStopped, plain, print_summary, run_cli
-from visiontune.distill import load_teacher
+from visiontune.config import validate_config
+from visiontune.deploy.inference import check_class_names
 from visiontune.errors import UserError
-from visiontune.features import attach_feature_cache
-from visiontune.finetune import ApplyFreeze
-from visiontune.inference import check_class_names
 from visiontune.sweeper.pruning import trial_callbacks
-from visiontune.validate import validate_config
+from visiontune.training.callbacks import (
+    LastCheckpoint,
+    ResumeMidEpoch,
+    RunClock,
+    SaveOnInterrupt,
+    format_seconds,
+)
+from visiontune.training.checkpoints import AtomicCheckpointIO, load_checkpoint
+from visiontune.training.distill import load_teacher
+from visiontune.training.features import attach_feature_cache
+from visiontune.training.finetune import ApplyFreeze
 
 log = logging.getLogger("visiontune")
 

@@ -1,30 +1,32 @@
-"""Data: splits (pure), files (scanning and checks), standard (in-memory datasets), the DataModule."""
+"""Data: splits (pure), files (scanning and checks), standard (in-memory datasets), images (decoding),
+transforms, caches, batched device transforms, and the DataModule.
 
-from visiontune.data.datamodule import EpochShuffleSampler, ImageDataModule
-from visiontune.data.files import (
-    FileImageDataset,
-    check_image,
-    load_image,
-    read_csv_list,
-    scan_csv,
-    scan_folder,
-)
-from visiontune.data.splits import stratified_split, stratified_subset
-from visiontune.data.standard import FASHION_CLASSES, STANDARD, TensorImageDataset, load_standard
+The names below load on first use, so `visiontune.data.images` (numpy and PIL only) can be imported
+by a deployment without torch.
+"""
 
-__all__ = [
-    "FASHION_CLASSES",
-    "STANDARD",
-    "EpochShuffleSampler",
-    "FileImageDataset",
-    "ImageDataModule",
-    "TensorImageDataset",
-    "check_image",
-    "load_image",
-    "load_standard",
-    "read_csv_list",
-    "scan_csv",
-    "scan_folder",
-    "stratified_split",
-    "stratified_subset",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "EpochShuffleSampler": "datamodule",
+    "ImageDataModule": "datamodule",
+    "FileImageDataset": "files",
+    "check_image": "files",
+    "load_image": "files",
+    "read_csv_list": "files",
+    "scan_csv": "files",
+    "scan_folder": "files",
+    "stratified_split": "splits",
+    "stratified_subset": "splits",
+    "FASHION_CLASSES": "standard",
+    "STANDARD": "standard",
+    "TensorImageDataset": "standard",
+    "load_standard": "standard",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

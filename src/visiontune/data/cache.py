@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from visiontune.data.files import collate_skip_none, load_image
-from visiontune.transforms import interpolation_mode
+from visiontune.data.transforms import interpolation_mode
 
 log = logging.getLogger("visiontune")
 CACHE_MODES = ("none", "memory", "disk")

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from visiontune import tasks
 from visiontune.data.cache import CACHE_MODES, RANDOM_CROP_PRESETS, cache_decoded
 from visiontune.data.device import DEVICE_PRESETS, BatchTransform, batch_generator
 from visiontune.data.files import (
@@ -44,8 +43,9 @@ from visiontune.data.files import (
 )
 from visiontune.data.splits import stratified_fold, stratified_split, stratified_subset
 from visiontune.data.standard import STANDARD, TensorImageDataset, load_standard, standard_classes
+from visiontune.data.transforms import eval_transform, train_transform
 from visiontune.errors import UserError
-from visiontune.transforms import eval_transform, train_transform
+from visiontune.models.heads import config_heads, is_multi
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, data: dict, augment: dict, data_config: dict, seed: int = 0, task: dict | None = None):
         super().__init__()
         self.cfg = dict(data)
-        self.task = dict(task) if tasks.is_multi(task) else None  # None: one class per image
+        self.task = dict(task) if is_multi(task) else None  # None: one class per image
         # a checkpoint's task names each head's classes; a config's task has them read from train.csv
         heads = (self.task or {}).get("heads") or []
         self._heads: list[dict] | None = heads if heads and all("classes" in h for h in heads) else None
@@ -149,7 +149,7 @@ class ImageDataModule(L.LightningDataModule):
         """multilabel/multitask: the task's heads with their classes (from the training CSV); else None."""
         if self.task and self._heads is None:
             self._heads = task_classes(
-                csv_files(self.root)["train"], tasks.config_heads(self.task), self.task.get("label_sep", "|"),
+                csv_files(self.root)["train"], config_heads(self.task), self.task.get("label_sep", "|"),
                 self.task["name"] == "multitask",
             )  # fmt: skip
         return self._heads

@@ -21,7 +21,7 @@ import torch
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
-from visiontune.transforms import interpolation_mode
+from visiontune.data.transforms import interpolation_mode
 
 # augment presets with a batched equivalent (others keep the per-sample path)
 DEVICE_PRESETS = ("none", "flip", "mixup", "cutmix", "basic")

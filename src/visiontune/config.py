@@ -21,10 +21,10 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from visiontune.data.datamodule import BALANCE
 from visiontune.errors import UserError
-from visiontune.finetune import SCHEDULES as FREEZE_SCHEDULES
-from visiontune.module import OPTIMIZERS
-from visiontune.schedules import SCHEDULES
-from visiontune.tasks import TASKS, WEIGHTINGS, check_heads
+from visiontune.models.heads import TASKS, WEIGHTINGS, check_heads
+from visiontune.training.finetune import SCHEDULES as FREEZE_SCHEDULES
+from visiontune.training.module import OPTIMIZERS
+from visiontune.training.schedules import SCHEDULES
 
 log = logging.getLogger("visiontune")
 

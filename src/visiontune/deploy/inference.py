@@ -158,7 +158,7 @@ def collect_logits(model, loader: DataLoader) -> tuple[torch.Tensor, torch.Tenso
 def raw_image(dataset, i: int) -> Image.Image:
     """Item `i` of a split as the original RGB PIL image, before any transform."""
     if hasattr(dataset, "paths"):
-        from visiontune.preprocess import open_image
+        from visiontune.data.images import open_image
 
         return open_image(dataset.paths[i])
     if hasattr(dataset, "images"):

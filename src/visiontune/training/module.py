@@ -15,13 +15,14 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from visiontune import tasks
-from visiontune.backbones import create_backbone
-from visiontune.finetune import create_schedule
-from visiontune.losses import distillation_loss, jsd_consistency
-from visiontune.param_groups import build_param_groups, describe_lrs
-from visiontune.schedules import lr_factor, plateau_update
-from visiontune.tasks import make_head
+from visiontune.models import heads
+from visiontune.models.backbones import create_backbone
+from visiontune.models.heads import make_head
+from visiontune.training import tasks
+from visiontune.training.finetune import create_schedule
+from visiontune.training.losses import distillation_loss, jsd_consistency
+from visiontune.training.param_groups import build_param_groups, describe_lrs
+from visiontune.training.schedules import lr_factor, plateau_update
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ class ImageClassifier(L.LightningModule):
         head = model.get("head") or {}
         self.backbone = create_backbone(model["backbone"], model.get("pretrained", True))
         dropout, hidden = head.get("dropout", 0.0), head.get("hidden")
-        if tasks.is_multi(task):  # multilabel / multitask: one module per head, logits side by side
-            self.head = tasks.build_head(task, self.backbone.num_features, dropout, hidden)
+        if heads.is_multi(task):  # multilabel / multitask: one module per head, logits side by side
+            self.head = heads.build_head(task, self.backbone.num_features, dropout, hidden)
         else:
             self.head = make_head(self.backbone.num_features, num_classes, dropout, hidden)
         optim = optim or {}
@@ -103,10 +104,10 @@ class ImageClassifier(L.LightningModule):
             self.to(memory_format=torch.channels_last)
         metric = lambda: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)  # noqa: E731
         self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
-        self.objective = tasks.TaskObjective(task, self.label_smoothing) if tasks.is_multi(task) else None
+        self.objective = tasks.TaskObjective(task, self.label_smoothing) if heads.is_multi(task) else None
 
     def set_teacher(self, teacher: nn.Module | None, alpha: float = 0.5, temperature: float = 4.0) -> None:
-        """Distil from a frozen `teacher` (visiontune.distill.Teacher).
+        """Distil from a frozen `teacher` (visiontune.training.distill.Teacher).
 
         The teacher is kept outside the module's submodules: it is not trained, not in the optimizer,
         not wrapped by DDP and not saved in the student's checkpoints; it follows the module's device.
@@ -115,7 +116,7 @@ class ImageClassifier(L.LightningModule):
         self.distill = {"alpha": float(alpha), "temperature": float(temperature)}
 
     def set_prefix_split(self, split) -> None:
-        """Inputs are cached activations of the frozen bottom (visiontune.features.PrefixSplit), not images.
+        """Inputs are cached activations of the frozen bottom (visiontune.training.features.PrefixSplit), not images.
 
         Held outside the submodules: the split's modules are the backbone's own, registered once.
         """
@@ -151,7 +152,7 @@ class ImageClassifier(L.LightningModule):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         if self.objective is not None:
-            return tasks.probabilities(logits, self.objective.heads, self.hparams.temperature)
+            return heads.probabilities(logits, self.objective.heads, self.hparams.temperature)
         return (logits / self.hparams.temperature).softmax(-1)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -199,7 +200,7 @@ class ImageClassifier(L.LightningModule):
         if batch is None:  # every file of the batch was unreadable (warned when it was loaded)
             return None
         x, y = batch
-        if self.objective is not None:  # multilabel / multitask: the loss is tasks.py's
+        if self.objective is not None:  # multilabel / multitask: the loss is training/tasks.py's
             return self.objective.training_loss(self, self(x), y)
         views = x.shape[1] if x.ndim == 5 else 0  # augment.jsd: (batch, views, C, H, W), view 0 clean
         if views:
@@ -228,7 +229,7 @@ class ImageClassifier(L.LightningModule):
             return
         x, y = batch
         logits = self(x)
-        if self.objective is not None:  # multilabel / multitask: scored over the epoch, in tasks.py
+        if self.objective is not None:  # multilabel / multitask: scored over the epoch, in training/tasks.py
             self.objective.eval_step(logits, y, stage)
             return
         loss = F.cross_entropy(logits, y)
@@ -255,7 +256,7 @@ class ImageClassifier(L.LightningModule):
         return (
             self(x).softmax(-1)
             if self.objective is None
-            else tasks.probabilities(self(x), self.objective.heads)
+            else heads.probabilities(self(x), self.objective.heads)
         )
 
     # -- optimisation

@@ -1,7 +1,7 @@
 """Knowledge distillation: a trained checkpoint as a frozen teacher for the run's (student) model.
 
 `python -m visiontune.train distill.teacher=<ckpt>` trains the configured backbone with
-`alpha * KL(student/T, teacher/T) * T^2 + (1 - alpha) * CE` (visiontune.losses.distillation_loss).
+`alpha * KL(student/T, teacher/T) * T^2 + (1 - alpha) * CE` (visiontune.training.losses.distillation_loss).
 The teacher is loaded with weights_only=True, kept in eval mode with gradients off, and is not part
 of the student's state_dict, so the student's checkpoints load like any other.
 """
@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visiontune.backbones import backbone_data_config
-from visiontune.build import load_classifier
 from visiontune.errors import UserError
+from visiontune.models.backbones import backbone_data_config
+from visiontune.training.checkpoints import load_classifier
 
 log = logging.getLogger(__name__)
 

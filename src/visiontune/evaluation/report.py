@@ -282,7 +282,8 @@ def label_counts(decided: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np
 def per_label_rows(probs: torch.Tensor, targets: dict, heads: list, thresholds: torch.Tensor) -> list[dict]:
     """One row per class of a multiclass head (precision, recall, F1 of the argmax) and per label of a
     multilabel head (also AP and the threshold); images without the head's label are left out."""
-    from visiontune.tasks import MISSING, average_precisions
+    from visiontune.models.heads import MISSING
+    from visiontune.training.tasks import average_precisions
 
     rows = []
     for h in heads:

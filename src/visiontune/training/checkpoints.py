@@ -25,6 +25,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from visiontune.errors import UserError
+from visiontune.models.structure import apply_structure
+from visiontune.training.module import ImageClassifier
 
 REMOTE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -197,3 +199,24 @@ def load_checkpoint(path: str | Path) -> dict:
     if problem:
         raise UserError(f"checkpoint {source} {problem}")
     return checkpoint
+
+
+def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
+    """Rebuild a trained model from its checkpoint alone, in eval mode.
+
+    The backbone is built with random init and then takes the checkpoint's weights, so nothing is
+    downloaded and a `file:` backbone does not need its original weights file.
+    """
+    checkpoint = load_checkpoint(ckpt_path)
+    hparams = dict(checkpoint["hyper_parameters"])
+    hparams["model"] = {**hparams["model"], "pretrained": False}
+    model = ImageClassifier(**hparams)
+    if checkpoint.get("structure"):  # a pruned model (compress method=prune): its narrower layers
+        apply_structure(model, checkpoint["structure"], checkpoint["state_dict"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:
+        raise UserError(
+            f"{ckpt_path}: the weights do not fit the model it describes ({str(exc).splitlines()[0]})"
+        ) from None
+    return model.eval()

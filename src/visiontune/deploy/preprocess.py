@@ -11,14 +11,15 @@ training transform's exactly (PIL's own `Image.resize` differs by a grey level o
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from visiontune.data.images import to_rgb
 
 FORMAT_VERSION = 1
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -67,27 +68,6 @@ def make_spec(
 
 def load_spec(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float32)
-        image = Image.fromarray((255.0 * arr / max(float(arr.max()), 1.0)).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
-def open_image(data: bytes | str | Path) -> Image.Image:
-    """Decode raw bytes or a file to an RGB image; anything unreadable raises (OSError, ValueError...)."""
-    source = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
-    with Image.open(source) as image:
-        image.load()
-        return to_rgb(image)
 
 
 def _bilinear(x: float) -> float:

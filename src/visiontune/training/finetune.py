@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from visiontune.errors import UserError
-from visiontune.param_groups import describe_lrs
+from visiontune.training.param_groups import describe_lrs
 
 log = logging.getLogger(__name__)
 

