@@ -148,7 +148,7 @@ def test_tuned_thresholds_change_only_multilabel_heads():
 def test_probabilities_are_a_softmax_per_multiclass_head_and_a_sigmoid_per_label():
     heads = [head("c", "multiclass", "abc", 0), head("t", "multilabel", "xy", 3)]
     logits = torch.randn(4, 5)
-    p = H.probabilities(logits, heads, temperature=2.0)
+    p = H.head_probabilities(logits, heads, temperature=2.0)
     assert torch.allclose(p[:, :3], (logits[:, :3] / 2).softmax(-1))
     assert torch.allclose(p[:, 3:], logits[:, 3:].sigmoid())
 
@@ -199,9 +199,18 @@ def test_uncertainty_weights_are_learnable_in_the_optimizer_and_saved():
     assert multitask_model("fixed").head.log_vars is None
 
 
-def test_a_multiclass_model_keeps_its_checkpoint_layout():
-    model = ImageClassifier(model={"backbone": "resnet18", "pretrained": False}, num_classes=4)
-    assert model.objective is None and model.hparams.task is None
+def test_a_multiclass_model_is_a_task_with_one_head_and_keeps_its_checkpoint_layout():
+    model = ImageClassifier(model={"backbone": "resnet18", "pretrained": False}, num_classes=4,
+                            class_names=list("abcd"), mix=torch.nn.Identity(), jsd_weight=2.0,
+                            distill={"alpha": 0.3, "temperature": 2.0})  # fmt: skip
+    assert model.hparams.task is None  # as every multiclass checkpoint stores it
+    assert [(h.name, h.kind, h.classes, h.start, h.stop) for h in model.heads] == [
+        ("class", "multiclass", ("a", "b", "c", "d"), 0, 4)
+    ]
+    assert isinstance(model.objective, tasks.Classification)
+    # the training extras are the run's, not the checkpoint's
+    assert not {"mix", "jsd_weight", "teacher", "distill"} & set(model.hparams)
+    assert model.jsd_weight == 2.0 and model.distill == {"alpha": 0.3, "temperature": 2.0}
     assert [k for k in model.state_dict() if not k.startswith("backbone.")] == [
         "head.0.weight",
         "head.0.bias",

@@ -539,7 +539,7 @@ def compress(cfg: DictConfig, patch: dict | None = None) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     refuse_overwriting_input(cfg.ckpt_path, run_dir, method)
     model = load_classifier(cfg.ckpt_path).cpu()
-    if getattr(model, "objective", None) is not None:
+    if model.hparams.task:
         raise UserError(
             f"{cfg.ckpt_path} is a multilabel/multitask checkpoint; compress measures top-1 accuracy and "
             "agreement, so it takes multiclass checkpoints only. Fix: export it with visiontune.export"

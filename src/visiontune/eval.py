@@ -61,7 +61,7 @@ def evaluate(cfg: DictConfig, patch: dict | None = None) -> dict:
     check_class_names(model.hparams.get("class_names"), list(datamodule.classes), allow)
     class_names = list(model.hparams.get("class_names") or datamodule.classes)
     datamodule.setup("test")
-    if model.objective is not None:  # task=multilabel|multitask: per-head metrics and per_label.csv
+    if model.hparams.task:  # task=multilabel|multitask: per-head metrics and per_label.csv
         return evaluate_task(model, datamodule, cfg, run_dir)
     loader = indexed_loader(datamodule.test_set, like=datamodule.test_dataloader())
     logits, targets, indices = collect_logits(model, loader)

@@ -65,14 +65,14 @@ class Deployable(nn.Module):
         super().__init__()
         self.net = nn.Sequential(model.backbone, model.head)
         self.temperature, self.output = float(temperature), output
-        self.heads = model.objective.heads if getattr(model, "objective", None) is not None else None
+        self.heads = model.objective.heads if model.hparams.task else None
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.net(image)
         if self.output == "logits":
             return logits
         if self.heads is not None:  # multilabel / multitask: each head's own probabilities
-            return heads.probabilities(logits, self.heads, self.temperature)
+            return heads.head_probabilities(logits, self.heads, self.temperature)
         return torch.softmax(logits / self.temperature, dim=-1)
 
 
@@ -186,7 +186,7 @@ def export(cfg: DictConfig, patch: dict | None = None) -> dict:
     spec = make_spec(datamodule.image_size, datamodule.crop_pct, datamodule.interpolation, datamodule.mean,
                      datamodule.std, class_names, temperature, cfg.output,
                      backbone=str(model.hparams.model.get("backbone", "")))  # fmt: skip
-    if model.objective is not None:  # multilabel / multitask: the heads' slices, classes, thresholds
+    if model.hparams.task:  # multilabel / multitask: the heads' slices, classes, thresholds
         spec["task"] = outputs.task_spec(model.hparams.task, model.head.thresholds)
     if datamodule.interpolation not in INTERPOLATIONS:
         raise UserError(

@@ -140,8 +140,8 @@ def predict_probs(model, images: torch.Tensor, temperature: float, tta: str = "n
 
 
 def output_probs(model, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    if getattr(model, "objective", None) is not None:  # multilabel / multitask
-        return heads.probabilities(logits, model.objective.heads, temperature)
+    if model.hparams.task:  # multilabel / multitask
+        return heads.head_probabilities(logits, model.objective.heads, temperature)
     return scaled_probs(logits, temperature)
 
 
@@ -235,7 +235,7 @@ def predict(cfg: DictConfig, patch: dict | None = None) -> dict:
         dataset = SplitInputs(source)
         names = [item_name(source, i, split) for i in range(len(source))]
     spec = (
-        outputs.task_spec(model.hparams.task, model.head.thresholds) if model.objective is not None else None
+        outputs.task_spec(model.hparams.task, model.head.thresholds) if model.hparams.task else None
     )
     rows = run_predictions(model, dataset, names, class_names, temperature, int(cfg.topk), cfg.tta,
                            batch_size, int(cfg.num_workers), device, spec)  # fmt: skip

@@ -64,7 +64,7 @@ class TorchPredictor:
             self.class_names = [str(i) for i in range(self.model.hparams.num_classes)]
         self.source = str(ckpt_path)
         self.task = None  # multilabel / multitask: tasks.task_spec, and answers per head
-        if self.model.objective is not None:
+        if self.model.hparams.task:
             from visiontune.deploy.outputs import task_spec
 
             self.task = task_spec(self.model.hparams.task, self.model.head.thresholds.cpu())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from visiontune.models.heads import MISSING, Head, probabilities, task_heads
+from visiontune.models.heads import MISSING, Head, head_probabilities, task_heads
 
 
 # -- after training: predictions as plain values (predict, serve) and the deployable description
@@ -123,4 +123,4 @@ def deployed_probabilities(logits, spec: dict):
     """A deployment's logits (numpy, N x outputs) -> each head's probabilities, from preprocess.json's
     `task` and `temperature` alone."""
     z = torch.from_numpy(logits).float()
-    return probabilities(z, spec_heads(spec["task"]), float(spec.get("temperature", 1.0))).numpy()
+    return head_probabilities(z, spec_heads(spec["task"]), float(spec.get("temperature", 1.0))).numpy()

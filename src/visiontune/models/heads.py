@@ -1,11 +1,12 @@
 """The heads: what the model predicts per image, as one logit vector.
 
-- `multiclass` (the default): one label per image, softmax and cross-entropy.
+Every task is a list of heads (`Head`); `resolve_task` gives the full task of any model:
+- `multiclass` (the default): one head, `class`, one label per image, softmax and cross-entropy.
 - `multilabel`: a set of labels per image, one sigmoid per label.
 - `multitask`: several heads on the shared backbone features, each `multiclass` or `multilabel`.
 
 The model's output is one logit vector: the heads' logits side by side (`Head.start:Head.stop`), so
-export and serve move a single tensor; `probabilities` turns it into each head's probabilities.
+export and serve move a single tensor; `head_probabilities` turns it into each head's probabilities.
 """
 
 from __future__ import annotations
@@ -63,8 +64,20 @@ class Head:
 
 
 def is_multi(task: dict | None) -> bool:
-    """True for the tasks this module handles (multilabel, multitask); multiclass is the module's own."""
+    """True for the tasks with labels in a CSV (multilabel, multitask); multiclass reads class folders."""
     return bool(task) and task.get("name", "multiclass") != "multiclass"
+
+
+CLASS_HEAD = "class"
+
+
+def resolve_task(task: dict | None, class_names) -> dict:
+    """The full task of a model: a multilabel or multitask config with its heads' classes as it is, and
+    for multiclass (`task` None, as checkpoints store it) the one head `class` over `class_names`."""
+    if is_multi(task):
+        return task
+    head = {"name": CLASS_HEAD, "kind": "multiclass", "classes": [str(c) for c in class_names], "weight": 1.0}
+    return {"name": "multiclass", "heads": [head]}
 
 
 def task_heads(task: dict) -> list[Head]:
@@ -115,7 +128,18 @@ def check_heads(heads, cfg=None) -> str | None:
     return None
 
 
-# -- the head module
+# -- the head modules
+class ClassHead(nn.Sequential):
+    """The head of a multiclass model: `make_head`'s layers (state-dict keys `head.<i>.weight`, as every
+    multiclass checkpoint has them) and the attributes every head has: `thresholds` (one per output,
+    unused by softmax heads, not saved) and `log_vars` (none)."""
+
+    def __init__(self, num_features: int, num_classes: int, dropout: float, hidden: int | None):
+        super().__init__(*make_head(num_features, num_classes, dropout, hidden))
+        self.register_buffer("thresholds", torch.full((num_classes,), DEFAULT_THRESHOLD), persistent=False)
+        self.log_vars = None
+
+
 class MultiHead(nn.Module):
     """One head module per task head (in the task's order) on the shared features; their logits side by side.
 
@@ -137,7 +161,10 @@ class MultiHead(nn.Module):
         return torch.cat([head(features) for head in self.heads], dim=1)
 
 
-def build_head(task: dict, num_features: int, dropout: float, hidden: int | None) -> MultiHead:
+def build_head(task: dict, num_features: int, dropout: float, hidden: int | None) -> nn.Module:
+    """The head module of a resolved task (`resolve_task`)."""
+    if task["name"] == "multiclass":
+        return ClassHead(num_features, len(task["heads"][0]["classes"]), dropout, hidden)
     threshold = task.get("threshold", DEFAULT_THRESHOLD)
     threshold = DEFAULT_THRESHOLD if threshold == "auto" or threshold is None else float(threshold)
     uncertainty = task.get("loss_weighting", "fixed") == "uncertainty"
@@ -145,8 +172,12 @@ def build_head(task: dict, num_features: int, dropout: float, hidden: int | None
 
 
 # -- probabilities: the one place where logits and a temperature become probabilities
-def probabilities(logits: torch.Tensor, heads: list[Head], temperature: float = 1.0) -> torch.Tensor:
-    """Each head's probabilities side by side: softmax(logits / T) per multiclass head, sigmoid per label."""
+def head_probabilities(logits: torch.Tensor, heads: list[Head], temperature: float = 1.0) -> torch.Tensor:
+    """Each head's probabilities side by side, in float32: softmax(logits / T) per multiclass head (T is
+    the calibrated temperature), a sigmoid per label of a multilabel head (thresholds, not T, decide there).
+
+    Every command that reports probabilities (the module's predict_step, eval, predict, serve, export,
+    and a deployment's logits through `deploy.outputs.deployed_probabilities`) goes through here."""
     parts = []
     for h in heads:
         z = logits[:, h.start : h.stop].float()

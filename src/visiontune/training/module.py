@@ -12,15 +12,12 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import nn
 
-from visiontune.models import heads
 from visiontune.models.backbones import create_backbone
-from visiontune.models.heads import make_head
+from visiontune.models.heads import Head, build_head, head_probabilities, resolve_task
 from visiontune.training import tasks
 from visiontune.training.finetune import create_schedule
-from visiontune.training.losses import distillation_loss, jsd_consistency
 from visiontune.training.param_groups import build_param_groups, describe_lrs
 from visiontune.training.schedules import lr_factor, plateau_update
 
@@ -50,9 +47,15 @@ class ImageClassifier(L.LightningModule):
     channels_last), `optim` (the optimizer, scheduler and finetune config groups), `data` (kept so
     that eval, predict and export rebuild the same preprocessing), `monitor` (the checkpoint's metric
     and mode, which scheduler=plateau follows). `class_names` are checked by eval and resume.
-    `temperature` scales the logits of `predict_proba` (set by calibration). `task` (None = multiclass)
-    is a multilabel or multitask config with each head's classes: its head, loss and metrics come from
-    `visiontune.tasks` (`self.objective`), and the logits are the heads' side by side.
+    `temperature` scales the logits of `predict_proba` and `predict_step` (set by calibration). `task`
+    (None = multiclass) is a multilabel or multitask config with each head's classes. Every task is a
+    list of heads (`self.heads`, the logits side by side); its loss and metrics are `self.objective`'s
+    (training/tasks.py), whatever the task.
+
+    The keyword-only arguments are the run's training extras, not saved in the hyperparameters (a
+    checkpoint rebuilds the model without them): `mix` (batch MixUp/CutMix, `data.transforms.batch_mix`),
+    `jsd_weight` (the AugMix consistency term's weight), `teacher` (a frozen `training.distill.Teacher`)
+    and `distill` ({"alpha", "temperature"} of the distillation loss).
     """
 
     def __init__(
@@ -67,16 +70,20 @@ class ImageClassifier(L.LightningModule):
         class_weights: list[float] | None = None,
         temperature: float = 1.0,
         task: dict | None = None,
+        *,
+        mix: nn.Module | None = None,
+        jsd_weight: float = 0.0,
+        teacher: nn.Module | None = None,
+        distill: dict | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["mix", "jsd_weight", "teacher", "distill"])
         head = model.get("head") or {}
         self.backbone = create_backbone(model["backbone"], model.get("pretrained", True))
         dropout, hidden = head.get("dropout", 0.0), head.get("hidden")
-        if heads.is_multi(task):  # multilabel / multitask: one module per head, logits side by side
-            self.head = heads.build_head(task, self.backbone.num_features, dropout, hidden)
-        else:
-            self.head = make_head(self.backbone.num_features, num_classes, dropout, hidden)
+        # the full task: multiclass is one head over the class names (the checkpoint stores task None)
+        self.task = resolve_task(task, class_names or [str(i) for i in range(num_classes)])
+        self.head = build_head(self.task, self.backbone.num_features, dropout, hidden)
         optim = optim or {}
         self.optimizer_cfg = dict(
             optim.get("optimizer") or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}
@@ -88,12 +95,11 @@ class ImageClassifier(L.LightningModule):
         self.label_smoothing = float(model.get("label_smoothing", 0.0))
         self.channels_last = bool(model.get("channels_last", False))
         self.monitor = dict(monitor or {"monitor": "val/acc", "mode": "max"})
-        self.mix = None  # batch-level MixUp/CutMix, set by build_model
-        # augment.jsd=true: weight of the AugMix Jensen-Shannon consistency term, set by build_model
-        self.jsd_weight = 0.0
-        object.__setattr__(self, "teacher", None)  # distill.teacher: see set_teacher
+        self.mix = mix  # batch-level MixUp/CutMix (multiclass)
+        # augment.jsd=true: weight of the AugMix Jensen-Shannon consistency term
+        self.jsd_weight = float(jsd_weight)
         object.__setattr__(self, "prefix_split", None)  # see set_prefix_split
-        self.distill = {"alpha": 0.5, "temperature": 4.0}
+        self.set_teacher(teacher, **(distill or {}))
         # data.balance=loss_weights: inverse class frequencies (mean 1) weight the training loss
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weight", weights, persistent=False)
@@ -102,12 +108,16 @@ class ImageClassifier(L.LightningModule):
             self.register_buffer("plateau_state", torch.tensor([-math.inf, 0.0, 1.0], dtype=torch.float64))
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
-        metric = lambda: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)  # noqa: E731
-        self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
-        self.objective = tasks.TaskObjective(task, self.label_smoothing) if heads.is_multi(task) else None
+        self.objective = tasks.make_objective(self.task, self.label_smoothing)
+
+    @property
+    def heads(self) -> list[Head]:
+        """The task's heads, in output order (one, `class`, for multiclass)."""
+        return self.objective.heads
 
     def set_teacher(self, teacher: nn.Module | None, alpha: float = 0.5, temperature: float = 4.0) -> None:
-        """Distil from a frozen `teacher` (visiontune.training.distill.Teacher).
+        """Distil from a frozen `teacher` (visiontune.training.distill.Teacher); the constructor's
+        `teacher` and `distill` arguments come here.
 
         The teacher is kept outside the module's submodules: it is not trained, not in the optimizer,
         not wrapped by DDP and not saved in the student's checkpoints; it follows the module's device.
@@ -151,9 +161,8 @@ class ImageClassifier(L.LightningModule):
         return self.probabilities(self(x))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.objective is not None:
-            return heads.probabilities(logits, self.objective.heads, self.hparams.temperature)
-        return (logits / self.hparams.temperature).softmax(-1)
+        """Each head's probabilities at the stored temperature (`models.heads.head_probabilities`)."""
+        return head_probabilities(logits, self.heads, self.hparams.temperature)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # `target` is class indices, or class probabilities after MixUp/CutMix.
@@ -200,64 +209,30 @@ class ImageClassifier(L.LightningModule):
         if batch is None:  # every file of the batch was unreadable (warned when it was loaded)
             return None
         x, y = batch
-        if self.objective is not None:  # multilabel / multitask: the loss is training/tasks.py's
-            return self.objective.training_loss(self, self(x), y)
-        views = x.shape[1] if x.ndim == 5 else 0  # augment.jsd: (batch, views, C, H, W), view 0 clean
-        if views:
-            x = x.flatten(0, 1)
-        target = y
-        if self.mix is not None:
-            x, target = self.mix(x, y)
-        logits = self(x)
-        if views:
-            per_view = logits.view(-1, views, logits.shape[-1])
-            logits = per_view[:, 0]
-            loss = self.loss(logits, target) + self.jsd_weight * jsd_consistency(per_view)
-        else:
-            loss = self.loss(logits, target)
-        if self.teacher is not None:  # the teacher sees what the student's logits came from
-            seen = x.view(-1, views, *x.shape[1:])[:, 0] if views else x
-            loss = distillation_loss(logits, self.teacher(seen), loss, **self.distill)
-        hard = target.argmax(1) if target.ndim == 2 else target
-        self.train_acc.update(logits, hard)  # logged per epoch only: no per-batch value to compute
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return self.objective.training_loss(self, x, y)
 
-    def _eval_step(self, batch, stage: str, metric: torchmetrics.Metric):
+    def _eval_step(self, batch, stage: str):
         if batch is None:
             return
         x, y = batch
-        logits = self(x)
-        if self.objective is not None:  # multilabel / multitask: scored over the epoch, in training/tasks.py
-            self.objective.eval_step(logits, y, stage)
-            return
-        loss = F.cross_entropy(logits, y)
-        metric(logits, y)
-        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, prog_bar=stage == "val")
-        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val")
+        self.objective.eval_step(self, self(x), y, stage)
 
-    def on_validation_epoch_end(self) -> None:
-        if self.objective is not None:  # threshold=auto tunes here, before the checkpoint is saved
-            self.objective.epoch_end(self, "val")
+    def on_validation_epoch_end(self) -> None:  # multilabel threshold=auto tunes here, before the checkpoint
+        self.objective.epoch_end(self, "val")
 
     def on_test_epoch_end(self) -> None:
-        if self.objective is not None:
-            self.objective.epoch_end(self, "test")
+        self.objective.epoch_end(self, "test")
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, "val", self.val_acc)
+        self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test", self.test_acc)
+        self._eval_step(batch, "test")
 
     def predict_step(self, batch, batch_idx):
+        """Each head's probabilities at the stored temperature."""
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        return (
-            self(x).softmax(-1)
-            if self.objective is None
-            else heads.probabilities(self(x), self.objective.heads)
-        )
+        return self.predict_proba(x)
 
     # -- optimisation
     def param_groups(self) -> list[dict]:

@@ -1,7 +1,10 @@
 """Tasks: what the model predicts per image, and how it learns and is scored.
 
-- `multiclass` (the default): one label per image, softmax and cross-entropy. The module keeps its own
-  code for it, so its checkpoints and metric names (val/acc, test/acc) are those of every earlier run.
+Every model has one objective (`make_objective`), built from its full task (`heads.resolve_task`), and
+the module's steps delegate to it; its `heads` say where each head's logits are.
+- `multiclass` (the default): one head, one label per image, softmax and cross-entropy
+  (`Classification`). MixUp/CutMix, the AugMix JSD term, class weights, label smoothing and
+  distillation belong to it; its metrics are logged per batch (train/acc, val/acc, test/acc, ...).
 - `multilabel`: a set of labels per image, one sigmoid per label, BCEWithLogits (optional `pos_weight`),
   scored by mean average precision (macro over the labels that have positives, and micro), F1 at the
   decision thresholds, and per-label AP. `threshold=auto` tunes one threshold per label on the
@@ -9,11 +12,13 @@
 - `multitask`: several heads on the shared backbone features, each `multiclass` or `multilabel`, with
   their losses summed (fixed weights, or the learned homoscedastic weights of Kendall et al., 2018).
   A missing label (-1) drops out of its head's loss and metrics only.
+Multilabel and multitask (`HeadsObjective`) are scored over the whole split at the epoch's end.
 
 The model's output is one logit vector: the heads' logits side by side (`Head.start:Head.stop`), so
-export and serve move a single tensor; `probabilities` turns it into each head's probabilities.
-Targets of these tasks are dicts {head name: tensor}: class indices (N,) for a multiclass head, 0/1
-floats (N, C) for a multilabel one, -1 where the label is missing.
+export and serve move a single tensor; `heads.head_probabilities` turns it into each head's probabilities.
+Targets of multilabel and multitask are dicts {head name: tensor}: class indices (N,) for a multiclass
+head, 0/1 floats (N, C) for a multilabel one, -1 where the label is missing; multiclass targets are
+class indices (N,).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import nn
 from torchmetrics.functional.classification import binary_average_precision, multiclass_accuracy
 
 from visiontune.models.heads import DEFAULT_THRESHOLD, MISSING, WEIGHTINGS, Head, task_heads  # noqa: F401
+from visiontune.training.losses import distillation_loss, jsd_consistency
 
 
 # -- losses and metrics: pure tensor functions
@@ -200,8 +206,58 @@ class SplitOutputs(torchmetrics.Metric):
         return cat(self.logits), {n: cat(getattr(self, f"target_{i}")) for i, n in enumerate(self.head_names)}
 
 
-class TaskObjective(nn.Module):
-    """Loss and metrics of a multilabel or multitask model; the module's steps delegate here.
+class Classification(nn.Module):
+    """The objective of a multiclass model: one head, cross-entropy, accuracy logged per batch.
+
+    The loss is the module's `loss` (class weights, label smoothing), after the module's batch `mix`
+    (MixUp/CutMix), plus `jsd_weight` times the AugMix consistency term when the batch holds views,
+    and distilled from the module's `teacher` when it has one: the module keeps those settings.
+    """
+
+    def __init__(self, heads: list[Head]):
+        super().__init__()
+        self.heads = heads
+        num_classes = len(heads[0].classes)
+        metric = lambda: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)  # noqa: E731
+        self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
+
+    def training_loss(self, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        views = x.shape[1] if x.ndim == 5 else 0  # augment.jsd: (batch, views, C, H, W), view 0 clean
+        if views:
+            x = x.flatten(0, 1)
+        target = y
+        if module.mix is not None:
+            x, target = module.mix(x, y)
+        logits = module(x)
+        if views:
+            per_view = logits.view(-1, views, logits.shape[-1])
+            logits = per_view[:, 0]
+            loss = module.loss(logits, target) + module.jsd_weight * jsd_consistency(per_view)
+        else:
+            loss = module.loss(logits, target)
+        if module.teacher is not None:  # the teacher sees what the student's logits came from
+            seen = x.view(-1, views, *x.shape[1:])[:, 0] if views else x
+            loss = distillation_loss(logits, module.teacher(seen), loss, **module.distill)
+        hard = target.argmax(1) if target.ndim == 2 else target
+        self.train_acc.update(logits, hard)  # logged per epoch only: no per-batch value to compute
+        module.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        module.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def eval_step(self, module, logits: torch.Tensor, y: torch.Tensor, stage: str) -> None:
+        metric = self.val_acc if stage == "val" else self.test_acc
+        loss = F.cross_entropy(logits, y)
+        metric(logits, y)
+        module.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, prog_bar=stage == "val")
+        module.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val")
+
+    def epoch_end(self, module, stage: str) -> None:
+        """Nothing to do: Lightning reduces the per-batch values."""
+
+
+class HeadsObjective(nn.Module):
+    """Loss and metrics of a multilabel or multitask model: per-head losses over the known labels,
+    scored over the whole split at the epoch's end.
 
     It owns no parameters (those are in `MultiHead`), only the per-stage output stores, so the
     checkpoint's weights are the model's alone.
@@ -215,7 +271,8 @@ class TaskObjective(nn.Module):
         self.auto_threshold = task.get("threshold") == "auto"
         self.outputs = nn.ModuleDict({s: SplitOutputs(self.heads) for s in ("val", "test")})
 
-    def training_loss(self, module, logits: torch.Tensor, targets: dict) -> torch.Tensor:
+    def training_loss(self, module, x: torch.Tensor, targets: dict) -> torch.Tensor:
+        logits = module(x)
         losses = head_losses(logits, targets, self.heads, self.label_smoothing)
         loss = combine_losses(losses, self.heads, module.head.log_vars)
         module.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -224,7 +281,7 @@ class TaskObjective(nn.Module):
                 module.log(h.metric("train", "loss"), losses[h.name], on_step=False, on_epoch=True)
         return loss
 
-    def eval_step(self, logits: torch.Tensor, targets: dict, stage: str) -> None:
+    def eval_step(self, module, logits: torch.Tensor, targets: dict, stage: str) -> None:
         self.outputs[stage].update(logits, targets)
 
     def epoch_end(self, module, stage: str) -> None:
@@ -244,3 +301,10 @@ class TaskObjective(nn.Module):
         shown = {f"val/{name}" for name in ("score", "map", "acc", "loss")}
         for name, value in values.items():
             module.log(name, value, prog_bar=name in shown)
+
+
+def make_objective(task: dict, label_smoothing: float = 0.0) -> nn.Module:
+    """The objective of a resolved task (`heads.resolve_task`)."""
+    if task["name"] == "multiclass":
+        return Classification(task_heads(task))
+    return HeadsObjective(task, label_smoothing)
