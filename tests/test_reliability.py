@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -9,8 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from helpers import FAST, ROOT, compose_cfg
@@ -155,6 +158,45 @@ def write_classes(root, names):
         folder.mkdir(parents=True, exist_ok=True)
         for j in range(6):
             Image.new("RGB", (12, 12), (40 * i, 20 * j, 100)).save(folder / f"{j}.png")
+
+
+def colour_folder(root, swap_train_labels: bool = False) -> None:
+    """Blue and red noise images in train/, val/ and test/; optionally every train image in the other class."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("val", 8), ("test", 8)):
+        for label, name in enumerate(("blue", "red")):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            channel = 2 * (1 - label if swap_train_labels and split == "train" else label)  # blue: 0, red: 2
+            for i in range(n):
+                pixels = rng.integers(0, 80, (16, 16, 3), dtype=np.uint8)
+                pixels[..., channel] += 170
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_resuming_into_a_new_run_dir_keeps_the_better_earlier_epoch_as_best(tmp_path):
+    """Epoch 0 learns the colours (val/acc 1.0); the resumed epoch 1, in a new run dir, trains on swapped
+    labels and is clearly worse. best.ckpt, the monitor's value and test/acc must stay epoch 0's."""
+    colour_folder(tmp_path / "good")
+    colour_folder(tmp_path / "swapped", swap_train_labels=True)
+    base = [*FAST, "data=imagefolder", "data.train_subset=null", "data.val_subset=null",
+            "data.test_subset=null", "logger=csv"]  # fmt: skip
+    train(compose_cfg([*base, f"data.root={tmp_path / 'good'}"], tmp_path / "first"))
+    first = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    resumed_args = [*base, f"data.root={tmp_path / 'swapped'}", "trainer.max_epochs=2", f"ckpt_path={last}"]
+    train(compose_cfg(resumed_args, tmp_path / "resumed"))
+    with open(tmp_path / "resumed" / "csv" / "metrics.csv") as f:
+        epoch1 = [float(row["val/acc"]) for row in csv.DictReader(f) if row.get("val/acc")]
+    assert first["val/acc"] >= 0.9 and epoch1 and epoch1[-1] <= 0.6  # epoch 0 is clearly the better one
+
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    best = tmp_path / "resumed" / "checkpoints" / "best.ckpt"
+    assert metrics["epochs"] == 2 and Path(metrics["best_ckpt"]).resolve() == best.resolve()
+    assert ckpt(best)["epoch"] == 0  # the new run dir holds the better epoch as its own best.ckpt
+    assert metrics["val/acc"] == pytest.approx(first["val/acc"])
+    assert metrics["test/acc"] == pytest.approx(first["test/acc"]) and metrics["test/acc"] >= 0.9
+    assert (tmp_path / "first" / "checkpoints" / "best.ckpt").is_file()  # the earlier run is untouched
 
 
 def test_resume_refuses_data_whose_class_names_differ(tmp_path):

@@ -1,5 +1,7 @@
 """The run's own Lightning callbacks: checkpoints that are always current, interrupts, progress lines.
 
+- `BestCheckpoint`: `best.ckpt`, Lightning's ModelCheckpoint whose best score and file survive a resume
+  into another run dir (Hydra gives every run a new one).
 - `LastCheckpoint`: `last.ckpt` at the end of every epoch, whatever the monitor says (Lightning's
   `save_last` only follows a new best). Lightning ends a run stopped by max_steps or early stopping
   through the epoch-end hooks too, so the run's final state is always saved.
@@ -13,6 +15,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -27,6 +31,79 @@ from visiontune.data.datamodule import EpochShuffleSampler
 from visiontune.errors import UserError
 
 log = logging.getLogger("visiontune")
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (same arguments), whose best score and file survive a resume into any dir.
+
+    Lightning restores the best score only when the resumed run writes into the same directory. In a new
+    directory it keeps only the old path, so the first validation after the resume would always count as
+    a new best, even a worse one, and the run would test those worse weights. Here the best score comes
+    back too, and the earlier run's best file is copied into the new directory under its own name, so
+    that the new run's best checkpoint is complete on its own and only a better epoch replaces it. The
+    earlier run's files are never modified or removed. If that file is gone, the run says so and its best
+    checkpoint is the best epoch of the resumed run.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._carried: tuple[str, object] | None = None  # (earlier best file, its score), until copied
+        self._fitting = False
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's key for a ModelCheckpoint with these settings: checkpoints written before this
+        # class existed still resume with their best score.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._fitting = stage == "fit"
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not self._fitting:
+            # `trainer.test(ckpt_path=...)` restores the callbacks too: the state inside the tested file
+            # (which may be the copy of an earlier run's) must not replace what this fit found
+            return
+        old_dir = state_dict.get("dirpath", self.dirpath)
+        if old_dir == self.dirpath or state_dict.get("best_model_score") is None:
+            super().load_state_dict(state_dict)
+            return
+        # Copied at the start of fit (the trainer, and so the process rank, is known there), before the
+        # first validation can compare against it. Until then best_model_path is the earlier file.
+        self.best_model_path = state_dict["best_model_path"]
+        self._carried = (state_dict["best_model_path"], state_dict["best_model_score"])
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._carry_over(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._carry_over(trainer)  # strategies that restore the callbacks after on_fit_start
+
+    def _carry_over(self, trainer: L.Trainer) -> None:
+        if self._carried is None:
+            return
+        old_path, score = self._carried
+        self._carried = None
+        if not old_path or not os.path.isfile(old_path):
+            log.warning(
+                "resuming: the earlier best checkpoint %s is gone; the best checkpoint of this run is its "
+                "own best epoch",
+                old_path or "(none)",
+            )
+            self.best_model_path = ""
+            return
+        target = os.path.join(self.dirpath, os.path.basename(old_path))
+        if trainer.is_global_zero:
+            os.makedirs(self.dirpath, exist_ok=True)
+            partial = target + ".tmp"
+            shutil.copyfile(old_path, partial)
+            os.replace(partial, target)  # never a half-copied best checkpoint
+        trainer.strategy.barrier("BestCheckpoint.carry_over")
+        self.best_model_score = score
+        self.best_model_path = self.kth_best_model_path = target
+        self.kth_value = score
+        self.best_k_models = {target: score}
 
 
 class LastCheckpoint(ModelCheckpoint):
