@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from visiontune.errors import UserError
+from visiontune.errors import UserError, one_line
 
 # The configs ship inside the package, so an installed wheel finds them from any directory.
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -34,8 +34,27 @@ def plain(node) -> dict:
     return dict(node)
 
 
-def one_line(message: object) -> str:
-    return " ".join(str(message).split())
+def data_patch(cfg: DictConfig) -> dict:
+    """The data keys given on the command line (`data.<key>=value`), with their values from cfg.data.
+
+    The commands after training patch the checkpoint's stored data config with these only (the rest
+    comes from the checkpoint). Empty outside a Hydra run.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    keys = []
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("data."):
+            keys.append(key[len("data.") :].split(".", 1)[0])
+    return {k: plain_value(cfg.data[k]) for k in dict.fromkeys(keys) if k in cfg.data}
+
+
+def plain_value(value):
+    """An OmegaConf node as plain Python containers; any other value as it is."""
+    return plain(value) if isinstance(value, DictConfig | ListConfig) else value
 
 
 def fail(message: object) -> None:
