@@ -1,4 +1,4 @@
-"""The one exception type for bad user input: the entry points print its message as one line."""
+"""Bad user input: its one exception type, and `one_line`, which the entry points print it through."""
 
 from __future__ import annotations
 
@@ -16,3 +16,9 @@ class UserError(Exception):
 
     def __reduce__(self):  # keep `details` across processes (DDP, launchers)
         return type(self), (*self.args[:1], self.details)
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """`text` as one line (every run of whitespace, newlines included, becomes one space), cut at `limit`
+    characters when given."""
+    return " ".join(str(text).split())[:limit]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from visiontune.errors import UserError
+from visiontune.errors import UserError, one_line
 from visiontune.models.structure import apply_structure
 from visiontune.training.module import ImageClassifier
 
@@ -126,13 +126,9 @@ def read_remote(url: str) -> bytes:
     except FileNotFoundError:
         raise UserError(f"checkpoint {url} does not exist") from None
     except (ImportError, ValueError) as exc:  # no backend for the scheme (e.g. s3fs not installed)
-        raise UserError(f"cannot read checkpoint {url}: {one_line(exc)}") from None
+        raise UserError(f"cannot read checkpoint {url}: {one_line(exc, 160)}") from None
     except OSError as exc:
-        raise UserError(f"cannot read checkpoint {url}: {one_line(exc)}") from None
-
-
-def one_line(text: object, limit: int = 160) -> str:
-    return " ".join(str(text).split())[:limit]
+        raise UserError(f"cannot read checkpoint {url}: {one_line(exc, 160)}") from None
 
 
 def load_problem(exc: Exception, head: bytes, size: int) -> str:
