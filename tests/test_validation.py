@@ -160,7 +160,7 @@ def test_eval_config_checks_the_data_keys_it_is_given():
     with pytest.raises(UserError, match="data.batch_size=0"):
         validate_eval_config(compose_train(["ckpt_path=x", "data.batch_size=0"], config_name="eval"))
     with pytest.raises(UserError, match="trainer.precision"):
-        validate_eval_config(compose_train(["ckpt_path=x", "trainer.precision=9"], config_name="eval"))
+        validate_eval_config(compose_train(["ckpt_path=x", "++trainer.precision=9"], config_name="eval"))
 
 
 # The real command: exit code 2, one line on stderr, no traceback (needs train() to call validate_config).
