@@ -37,6 +37,17 @@ def compose_cfg(overrides: list[str], output_dir: Path, config_name: str = "trai
         return compose(config_name=config_name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
+def data_config(size: int = 32, crop_pct: float = 0.875) -> dict:
+    """A made-up backbone preprocessing (the datamodule's `data_config`): square `size`, mean and std 0.5."""
+    return {
+        "input_size": (3, size, size),
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+        "interpolation": "bilinear",
+        "crop_pct": crop_pct,
+    }
+
+
 DATA = {
     "name": "fashion_mnist",
     "root": "data",

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import compose_cfg
+from helpers import compose_cfg, data_config
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -30,13 +30,7 @@ from visiontune.data.transforms import (
 )
 from visiontune.errors import UserError
 
-DATA_CONFIG = {
-    "input_size": (3, 32, 32),
-    "mean": (0.5,) * 3,
-    "std": (0.5,) * 3,
-    "interpolation": "bilinear",
-    "crop_pct": 0.875,
-}
+DATA_CONFIG = data_config()
 
 
 def test_stratified_subset_keeps_class_proportions_and_is_seeded():
@@ -343,7 +337,7 @@ def test_loss_weights_are_inverse_frequency_with_mean_one(tmp_path):
     assert torch.allclose(weights, torch.tensor([0.5, 1.5]))  # 1/30 : 1/10, mean 1
     assert csv_module(csv_path, balance="none").class_weights() is None
     assert csv_module(csv_path, balance="sampler").class_weights() is None
-    with pytest.raises(UserError, match="data.balance=oversample is unknown"):
+    with pytest.raises(UserError, match="data.balance='oversample': must be one of none, sampler"):
         csv_module(csv_path, balance="oversample")
 
 

@@ -1,5 +1,5 @@
 """Arrays computed once and reused: the decoded-image cache (`data.cache=none|memory|disk`), and the
-store the frozen-feature cache (visiontune.features) keeps its features in.
+store the frozen-feature cache (visiontune.training.features) keeps its features in.
 
 Image folders and CSV lists are JPEG/PNG files: decoding them is most of an epoch's data cost. With
 `data.cache=memory|disk` every image is decoded and resized once, to the size the transforms start
@@ -31,9 +31,9 @@ from torchvision.transforms import v2
 
 from visiontune.data.files import collate_skip_none, load_image
 from visiontune.data.transforms import interpolation_mode
+from visiontune.data.wrapped import WrappedDataset
 
 log = logging.getLogger("visiontune")
-CACHE_MODES = ("none", "memory", "disk")
 # augment presets that crop at random from the whole image: they cannot start from the cached one
 RANDOM_CROP_PRESETS = ("basic", "strong")
 
@@ -195,7 +195,7 @@ def decode_into(images: np.ndarray, paths: list[str], geometry, num_workers: int
     return ok
 
 
-class DecodedImageDataset(Dataset):
+class DecodedImageDataset(WrappedDataset):
     """A file dataset served from its decoded array: the same (image, target) pairs, no decoding."""
 
     def __init__(self, base: Dataset, images: np.ndarray, readable: np.ndarray):
@@ -204,11 +204,6 @@ class DecodedImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.base)
-
-    def __getattr__(self, name):  # labels, targets, ... of the file dataset
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
 
     def __getitem__(self, i: int):
         if not self.readable[i]:

@@ -1,7 +1,8 @@
 """ImageDataModule: datasets, seeded stratified splits, loaders. It owns the transforms.
 
-Standard datasets (Fashion-MNIST, MNIST, CIFAR) are held in memory as uint8 tensors and transformed
-per sample in the main process: on 2 cores a worker process would only compete with the model.
+In-memory datasets (the registry `visiontune.data.standard.STANDARD`: Fashion-MNIST, MNIST, CIFAR)
+are held as uint8 tensors and transformed per sample in the main process: on 2 cores a worker
+process would only compete with the model. Each is handled alike, from its registry entry.
 Image folders and CSV lists are decoded with PIL in worker processes, with bad files found and
 skipped (or, with `data.strict=true`, refused) at setup.
 
@@ -27,7 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from visiontune.data.cache import CACHE_MODES, RANDOM_CROP_PRESETS, cache_decoded
+from visiontune.data.cache import RANDOM_CROP_PRESETS, cache_decoded
+from visiontune.data.checks import BALANCE as BALANCE  # (config validation reads it here)
+from visiontune.data.checks import check_data, check_task_data
 from visiontune.data.device import DEVICE_PRESETS, BatchTransform, batch_generator
 from visiontune.data.files import (
     SPLITS,
@@ -42,14 +45,13 @@ from visiontune.data.files import (
     task_classes,
 )
 from visiontune.data.splits import stratified_fold, stratified_split, stratified_subset
-from visiontune.data.standard import STANDARD, TensorImageDataset, load_standard, standard_classes
+from visiontune.data.standard import STANDARD, TensorImageDataset
 from visiontune.data.transforms import eval_transform, train_transform
 from visiontune.errors import UserError
 from visiontune.models.heads import config_heads, is_multi
 
 log = logging.getLogger(__name__)
-
-BALANCE = ("none", "sampler", "loss_weights")
+FILE_DATASETS = ("imagefolder", "csv")
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -87,6 +89,7 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, data: dict, augment: dict, data_config: dict, seed: int = 0, task: dict | None = None):
         super().__init__()
         self.cfg = dict(data)
+        check_data(self.cfg)  # again: code may build a datamodule without validating a config first
         self.task = dict(task) if is_multi(task) else None  # None: one class per image
         # a checkpoint's task names each head's classes; a config's task has them read from train.csv
         heads = (self.task or {}).get("heads") or []
@@ -94,6 +97,7 @@ class ImageDataModule(L.LightningDataModule):
         self.augment = dict(augment)
         self.seed = seed
         self.name = self.cfg["name"]
+        self.standard = STANDARD.get(self.name)  # an in-memory dataset's registry entry; None: files
         self.root = Path(os.path.expanduser(str(self.cfg["root"])))
         size = self.cfg.get("image_size") or data_config["input_size"][-1]
         self.image_size = int(size)
@@ -104,17 +108,14 @@ class ImageDataModule(L.LightningDataModule):
         self.crop_pct = float(crop if crop is not None else data_config["crop_pct"])
         self._classes: list[str] | None = None
         self.train_set = self.val_set = self.test_set = None
-        self.device_transforms: tuple | None = (
-            None  # (train, eval) BatchTransform, see enable_device_transforms
-        )
-        self.balance = self.cfg.get("balance") or "none"
+        # (train, eval) BatchTransform once enable_device_transforms has turned them on
+        self.device_transforms: tuple | None = None
+        self.balance = self.cfg.get("balance", "none")
         # finetune.cache_features for the frozen epochs that open a run (freeze_unfreeze, gradual):
         # stand-in splits of cached features, served while the trainer's epoch is below `features_until`
         self.feature_sets: dict[str, Dataset] = {}
         self.features_until = 0
         self.reload_setting: int | None = None  # the trainer's own reload_dataloaders_every_n_epochs
-        if self.balance not in BALANCE:
-            raise UserError(f"data.balance={self.balance} is unknown; choose one of {', '.join(BALANCE)}")
         if self.task:
             check_task_data(self.task["name"], self.name, self.balance)
         if self.name == "imagefolder" and self.root.is_file():
@@ -122,9 +123,6 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.root {self.root} is a file; data=imagefolder needs a folder with train/<class>/ "
                 "(for a CSV list use data=csv)"
             )
-        folds, fold = self.cfg.get("folds"), self.cfg.get("fold") or 0
-        if folds is not None and (int(folds) < 2 or not 0 <= int(fold) < int(folds)):
-            raise UserError(f"data.folds={folds} data.fold={fold}: need folds >= 2 and 0 <= fold < folds")
         if self.name == "imagefolder" and not self.root.is_dir():
             raise UserError(
                 f"data.root {self.root} does not exist. Fix: data.root=/path/to/dataset (with train/<class>/)"
@@ -163,8 +161,8 @@ class ImageDataModule(L.LightningDataModule):
                 self._classes = [
                     f"{h['name']}/{c}" if prefix else c for h in self.heads for c in h["classes"]
                 ]
-            elif self.name in STANDARD:
-                self._classes = standard_classes(self.name)
+            elif self.standard:
+                self._classes = list(self.standard.classes)
             elif self.name == "imagefolder":
                 train_dir = self.root / "train"
                 if not train_dir.is_dir():
@@ -181,10 +179,8 @@ class ImageDataModule(L.LightningDataModule):
             elif self.name == "csv":
                 self._classes = sorted(set(read_csv_list(csv_files(self.root)["train"])[1]))
             else:
-                raise UserError(
-                    f"unknown dataset '{self.name}'; choose fashion_mnist, mnist, cifar10, cifar100, "
-                    "imagefolder, csv"
-                )
+                names = ", ".join([*STANDARD, *FILE_DATASETS])
+                raise UserError(f"unknown dataset '{self.name}'; choose {names}")
         return self._classes
 
     @property
@@ -192,14 +188,14 @@ class ImageDataModule(L.LightningDataModule):
         return len(self.classes)
 
     def prepare_data(self) -> None:
-        if self.name in STANDARD:
-            load_standard(self.name, self.root, train=False)  # downloads once, on rank 0
+        if self.standard:
+            self.standard.load(self.root, False)  # downloads once, on rank 0
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None or (stage == "test" and self.test_set is not None):
             return
-        if self.name in STANDARD:
-            self._setup_standard(stage)
+        if self.standard:
+            self._setup_in_memory(stage)
         else:
             self._setup_folders(stage)
             self._cache_decoded(stage)
@@ -220,13 +216,13 @@ class ImageDataModule(L.LightningDataModule):
     def _subset(self, n, labels, seed_offset):
         return stratified_subset(labels, n, self.seed + seed_offset) if n else np.arange(len(labels))
 
-    def _setup_standard(self, stage):
-        x_test, y_test = load_standard(self.name, self.root, train=False)
+    def _setup_in_memory(self, stage):
+        x_test, y_test = self.standard.load(self.root, False)
         keep = self._subset(self.cfg.get("test_subset"), y_test.numpy(), 2)
         self.test_set = TensorImageDataset(x_test[keep], y_test[keep], self.eval_transform())
         if stage == "test":
             return
-        x, y = load_standard(self.name, self.root, train=True)
+        x, y = self.standard.load(self.root, True)
         train_idx, val_idx = self._split_off_val(y.numpy())
         val_idx = val_idx[self._subset(self.cfg.get("val_subset"), y[val_idx].numpy(), 1)]
         train_idx = train_idx[self._subset(self.cfg.get("train_subset"), y[train_idx].numpy(), 0)]
@@ -302,14 +298,12 @@ class ImageDataModule(L.LightningDataModule):
                     ).tolist()
         return {**self.task, "heads": heads}
 
-    # -- loaders
+    # -- the decoded-image cache
     def _cache_decoded(self, stage: str | None) -> None:
         """data.cache=memory|disk: decode and resize each image file once (visiontune.data.cache)."""
-        mode = self.cfg.get("cache") or "none"
+        mode = self.cfg.get("cache", "none")
         if mode == "none":
             return
-        if mode not in CACHE_MODES:
-            raise UserError(f"data.cache={mode} is unknown; choose one of {', '.join(CACHE_MODES)}")
         if self.augment.get("name") in RANDOM_CROP_PRESETS:
             raise UserError(
                 f"data.cache={mode} with augment={self.augment['name']}: its random resized crops need the full "
@@ -345,7 +339,7 @@ class ImageDataModule(L.LightningDataModule):
         self.setup("fit")
         splits = [self.train_set, self.val_set, self.test_set]
         why_not = None
-        if self.name not in STANDARD:
+        if not self.standard:
             why_not = f"data={self.name} is read from files (device transforms need an in-memory dataset)"
         elif self.augment.get("name", "none") not in DEVICE_PRESETS or self.augment.get("jsd"):
             why_not = f"augment={self.augment.get('name')} has no batched equivalent ({', '.join(DEVICE_PRESETS)} have)"
@@ -375,11 +369,12 @@ class ImageDataModule(L.LightningDataModule):
             x = self.device_transforms[1](x)
         return [x, *rest]
 
+    # -- loaders
     def _num_workers(self) -> int:
         n = self.cfg.get("num_workers")
         if n is not None:
             return int(n)
-        if self.name in STANDARD:
+        if self.standard:
             return 0  # in-memory tensors: per-sample transforms are cheaper than a worker process
         return max(1, min(8, (os.cpu_count() or 2) - 1))
 
@@ -397,7 +392,8 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=False,
         )
 
-    def train_labels(self) -> np.ndarray:  # one class per image (not for task=multilabel|multitask)
+    def train_labels(self) -> np.ndarray:
+        """The training split's classes, one per image (not for task=multilabel|multitask)."""
         labels = self.train_set.labels
         return labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
 
@@ -439,23 +435,3 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
-
-
-def check_task_data(task: str, data: str, balance: str) -> None:
-    """task=multilabel|multitask read their labels from a CSV; class balancing is for one class per image."""
-    if data == "imagefolder":
-        raise UserError(
-            f"task={task} with data=imagefolder: image folders cannot express several labels per image. "
-            "Use data=csv with lines of `path,labels` (labels separated by |, see task.label_sep), "
-            "or a header `path,<label>,...` with 0/1 columns"
-            + (", or one column per head" if task == "multitask" else "")
-        )
-    if data != "csv":
-        raise UserError(
-            f"task={task} with data={data}: its labels come from a CSV. Fix: data=csv data.root=<train.csv>"
-        )
-    if balance != "none":
-        raise UserError(
-            f"data.balance={balance} with task={task}: balancing is by one class per image. "
-            "Fix: data.balance=none (task.pos_weight=true weighs rare labels)"
-        )

@@ -1,8 +1,21 @@
-"""The standard datasets (Fashion-MNIST, MNIST, CIFAR-10/100), held in memory as uint8 tensors."""
+"""The standard datasets (Fashion-MNIST, MNIST, CIFAR-10/100), held in memory as uint8 tensors.
+
+`STANDARD` is the registry: a dataset name (the `data.name` of its config) and everything the
+datamodule needs to know of it, its class names and a loader. The datamodule has no branch for any
+one of them: they are all split, subset, transformed and loaded alike.
+
+Adding an in-memory dataset is two files: an entry here (`StandardDataset(classes, load)`), and its
+config `conf/data/<name>.yaml` (`defaults: [_standard, _self_]` and `name: <name>`, plus anything it
+sets differently, such as `image_size`). The loader returns every image of a split at once, as
+uint8 (N, C, H, W) with C = 1 (grey) or 3 (colour), and int64 labels indexing `classes`.
+"""
 
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,24 +24,16 @@ from torch.utils.data import Dataset
 
 from visiontune.errors import UserError
 
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-STANDARD = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
-FASHION_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+# (root, train) -> (uint8 images (N, C, H, W), int64 labels); it may download into root
+Loader = Callable[[Path, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
-def standard_classes(name: str) -> list[str]:
-    return list(FASHION_CLASSES) if name == "fashion_mnist" else [str(i) for i in range(STANDARD[name])]
+@dataclass(frozen=True)
+class StandardDataset:
+    """An in-memory dataset: its class names (label i is `classes[i]`) and its loader."""
+
+    classes: tuple[str, ...]
+    load: Loader
 
 
 class TensorImageDataset(Dataset):
@@ -49,6 +54,46 @@ class TensorImageDataset(Dataset):
         return int(self.labels[i])
 
 
+def load_torchvision(name: str, dataset: str, hint: str, root: Path, train: bool):
+    """torchvision's `datasets.<dataset>`, downloaded into root when it is not there."""
+    from torchvision import datasets
+
+    try:
+        ds = getattr(datasets, dataset)(str(root), train=train, download=True)
+    except Exception as exc:
+        raise UserError(
+            f"{name} is not in {root} and could not be downloaded ({type(exc).__name__}). Fix: put the "
+            f"files there (data.root=...){hint}"
+        ) from None
+    x = torch.as_tensor(np.asarray(ds.data))
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # grey (N, H, W), colour (N, H, W, C)
+    return x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+
+
+def torchvision_loader(name: str, dataset: str, hint: str = "") -> Loader:
+    """The loader of torchvision's `datasets.<dataset>`; `hint` ends the message when it is missing.
+    (A partial of a module function, not a closure: a datamodule holding it can be pickled.)"""
+    return partial(load_torchvision, name, dataset, hint)
+
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+_fashion_download = torchvision_loader(
+    "fashion_mnist", "FashionMNIST", " or `apt-get install dataset-fashion-mnist`"
+)
+
+
 def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
@@ -57,28 +102,31 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_standard(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images (N, C, H, W), int64 labels) of a standard dataset."""
+def load_fashion_mnist(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The IDX files in root, root/fashion-mnist or Debian's dataset-fashion-mnist; else torchvision's."""
     split = "train" if train else "t10k"
-    if name == "fashion_mnist":
-        for folder in (root, root / "fashion-mnist", DEBIAN_FASHION_MNIST):
-            images = folder / f"{split}-images-idx3-ubyte.gz"
-            if images.is_file():
-                x = _read_idx(images)
-                y = _read_idx(folder / f"{split}-labels-idx1-ubyte.gz")
-                return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
-    from torchvision import datasets
+    for folder in (root, root / "fashion-mnist", DEBIAN_FASHION_MNIST):
+        images = folder / f"{split}-images-idx3-ubyte.gz"
+        if images.is_file():
+            x = _read_idx(images)
+            y = _read_idx(folder / f"{split}-labels-idx1-ubyte.gz")
+            return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+    return _fashion_download(root, train)
 
-    cls = {"fashion_mnist": datasets.FashionMNIST, "mnist": datasets.MNIST, "cifar10": datasets.CIFAR10,
-           "cifar100": datasets.CIFAR100}[name]  # fmt: skip
-    try:
-        ds = cls(str(root), train=train, download=True)
-    except Exception as exc:
-        raise UserError(
-            f"{name} is not in {root} and could not be downloaded ({type(exc).__name__}). Fix: put the files "
-            f"there (data.root=...)"
-            + (" or `apt-get install dataset-fashion-mnist`" if name == "fashion_mnist" else "")
-        ) from None
-    x = torch.as_tensor(np.asarray(ds.data))
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    return x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+
+def numbered(n: int) -> tuple[str, ...]:
+    """Class names "0", "1", ... for datasets whose classes are known by their index."""
+    return tuple(str(i) for i in range(n))
+
+
+STANDARD: dict[str, StandardDataset] = {
+    "fashion_mnist": StandardDataset(FASHION_CLASSES, load_fashion_mnist),
+    "mnist": StandardDataset(numbered(10), torchvision_loader("mnist", "MNIST")),
+    "cifar10": StandardDataset(numbered(10), torchvision_loader("cifar10", "CIFAR10")),
+    "cifar100": StandardDataset(numbered(100), torchvision_loader("cifar100", "CIFAR100")),
+}
+
+
+def load_standard(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images (N, C, H, W), int64 labels) of the train or test split of a registered dataset."""
+    return STANDARD[name].load(root, train)
