@@ -71,12 +71,22 @@ def most_confident_mistakes(probs: torch.Tensor, targets: torch.Tensor, n: int) 
     return wrong[order][:n].tolist()
 
 
-def write_per_class_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
+    """A table as CSV: a header of `columns`, then a line per row; floats to 4 decimals, NaN left empty."""
+
+    def cell(value):
+        if not isinstance(value, float):
+            return value
+        return "" if math.isnan(value) else f"{value:.4f}"
+
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=PER_CLASS_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        for row in rows:
-            writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()})
+        writer.writerows({k: cell(v) for k, v in row.items()} for row in rows)
+
+
+def write_per_class_csv(rows: list[dict], path: Path) -> None:
+    write_csv(rows, path, PER_CLASS_COLUMNS)
 
 
 # -- figures
@@ -309,12 +319,7 @@ def per_label_rows(probs: torch.Tensor, targets: dict, heads: list, thresholds: 
 
 
 def write_per_label_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=PER_LABEL_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if math.isnan(v) else f"{v:.4f}") if isinstance(v, float) else v
-                             for k, v in row.items()})  # fmt: skip
+    write_csv(rows, path, PER_LABEL_COLUMNS)
 
 
 def write_task_report_md(path: Path, metrics: dict, rows: list[dict], ckpt_path: str) -> None:
