@@ -29,7 +29,7 @@ MAX_LISTED = 50  # bad files named one by one in a report; the rest are counted
 def load_image(path: str | Path) -> Image.Image:
     """Any mode (L, RGBA, P, I;16, CMYK) to RGB, with EXIF orientation applied.
 
-    The conversion is `preprocess.to_rgb`, the same one a deployment runs from preprocess.json.
+    The conversion is `visiontune.data.images.to_rgb`, the one a deployment (preprocess.json) runs too.
     """
     with Image.open(path) as img:
         return to_rgb(img)

@@ -14,7 +14,7 @@ float tensor of shape (JSD_VIEWS, C, H, W) = (3, C, H, W), so a training batch i
 The flip is drawn once per image, so the three views differ only by AugMix. The training step
 takes cross-entropy on view 0 plus `augment.jsd_weight` times the Jensen-Shannon divergence among
 the three views' predictions (Hendrycks et al., 2020). Batch-level MixUp / CutMix cannot be combined
-with it (validate.py refuses them).
+with it (config validation refuses them).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A `FreezeSchedule` answers two questions, as pure functions of the epoch and step:
 - `frozen_groups(epoch)`: the backbone groups frozen during that epoch;
 - `lr_gate(group, step, steps_per_epoch)`: the LR multiplier of a group at an optimizer step.
-It also carries the per-group LR keys (`backbone_lr_mult`, `layer_decay`), so the whole `finetune`
-config group has one consumer. The model builds it (its LR scheduler multiplies the gate
+It also carries the per-group LR keys (`backbone_lr_mult`, `layer_decay`): every key of the
+`finetune` config group is the schedule's, except those of the frozen-feature cache (`CACHE_KEYS`,
+read by visiontune.training.features). The model builds it (its LR scheduler multiplies the gate
 in), and `ApplyFreeze` reads it from the model to toggle `requires_grad` and BatchNorm mode.
 
 Because the frozen set is derived from the epoch, a resumed run lands in exactly the state of an
@@ -210,12 +211,12 @@ def select_groups(names: list[str], groups: str | int | list[int] | None, patter
 SCHEDULES = {cls.name: cls for cls in (Full, LinearProbe, FreezeUnfreeze, Gradual, FreezeGroups)}
 
 
-# keys of the finetune group read by the frozen-feature cache (visiontune.features), not by a schedule
+# keys of the finetune group read by the frozen-feature cache (visiontune.training.features), not by a schedule
 CACHE_KEYS = ("cache_features", "cache_views", "cache_dir")
 
 
 def create_schedule(cfg: dict, group_names: list[str]) -> FreezeSchedule:
-    """The schedule of the `finetune` config group (every key of the group is its argument)."""
+    """The schedule of the `finetune` config group (every key but `CACHE_KEYS` is its argument)."""
     kwargs = {k: v for k, v in cfg.items() if k not in CACHE_KEYS}
     name = kwargs.pop("name", "full")
     if name not in SCHEDULES:
