@@ -1,5 +1,6 @@
-"""Data: splits (pure), files (scanning and checks), standard (in-memory datasets), images (decoding),
-transforms, caches, batched device transforms, and the DataModule.
+"""Data: splits (pure), files (scanning and checks), standard (the registry of in-memory datasets),
+checks (the data settings' rules), images (decoding), transforms, caches, stand-in datasets (wrapped),
+batched device transforms, and the DataModule.
 
 The names below load on first use, so `visiontune.data.images` (numpy and PIL only) can be imported
 by a deployment without torch.
@@ -20,6 +21,7 @@ _EXPORTS = {
     "stratified_subset": "splits",
     "FASHION_CLASSES": "standard",
     "STANDARD": "standard",
+    "StandardDataset": "standard",
     "TensorImageDataset": "standard",
     "load_standard": "standard",
 }
