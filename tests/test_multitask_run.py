@@ -15,10 +15,11 @@ import torch
 from helpers import compose_cfg, make_fashion_tasks
 
 from visiontune.deploy import outputs
+from visiontune.deploy.session import InferenceSession
 from visiontune.eval import evaluate
 from visiontune.export import export
 from visiontune.predict import predict
-from visiontune.serve import ServerThread, TorchPredictor, bind_socket, create_app
+from visiontune.serve import ServerThread, bind_socket, create_app
 from visiontune.train import train
 
 RUN = ["data=csv", "data.image_size=32", "data.batch_size=16", "data.num_workers=0", "model.backbone=resnet18",
@@ -91,8 +92,10 @@ def test_a_tiny_multitask_run_trains_resumes_exactly_evaluates_and_predicts(task
     summary = predict(compose_cfg([f"ckpt_path={best}", "inputs=split:test"], tmp_path / "pred", config_name="predict"),
                       patch={})  # fmt: skip
     predictions = read_rows(tmp_path / "pred" / "predictions.csv")
-    assert list(predictions[0]) == ["path", "class/label", "class/prob", "class/target", "class/correct",
-                                    "group/label", "group/prob", "group/target", "group/correct", "error"]  # fmt: skip
+    top = lambda head, k: [f"{head}/top{r}_{c}" for r in range(1, k + 1) for c in ("label", "prob")]  # noqa: E731
+    assert list(predictions[0]) == ["path", "class/label", "class/prob", *top("class", 5), "class/target",
+                                    "class/correct", "group/label", "group/prob", *top("group", 4), "group/target",
+                                    "group/correct", "error"]  # fmt: skip
     assert summary["test/class/acc"] == pytest.approx(metrics["test/class/acc"])
     assert summary["test/group/acc"] == pytest.approx(metrics["test/group/acc"])
     groups = {
@@ -126,7 +129,7 @@ def test_a_tiny_multilabel_run_tunes_thresholds_that_predict_export_and_serve_us
     rows = read_rows(tmp_path / "pred" / "predictions.csv")
     assert list(rows[0]) == ["path", "labels", "probs", "error"] and len(rows) == 16
 
-    predictor = TorchPredictor(str(best), "cpu")
+    predictor = InferenceSession.from_checkpoint(best, "cpu")
     assert predictor.task["heads"][0]["thresholds"] == pytest.approx(thresholds.tolist())
     image_path = rows[0]["path"]
     with ServerThread(create_app(predictor), bind_socket("127.0.0.1", 0)) as server:

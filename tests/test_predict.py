@@ -12,9 +12,10 @@ from helpers import ROOT, compose_cfg, write_images
 
 from visiontune.build import checkpoint_eval_transform, load_classifier
 from visiontune.data.images import open_image
+from visiontune.deploy.session import InferenceSession
 from visiontune.errors import UserError
 from visiontune.eval import evaluate
-from visiontune.predict import predict, predict_probs, resolve_inputs
+from visiontune.predict import predict, resolve_inputs
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -99,11 +100,12 @@ def test_the_test_split_reproduces_eval(tiny_checkpoint, tmp_path):
 
 def test_flip_tta_averages_the_image_and_its_mirror(tiny_checkpoint):
     model = load_classifier(tiny_checkpoint)
+    session = InferenceSession.from_checkpoint(tiny_checkpoint, "cpu")
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected = (model.predict_proba(x) + model.predict_proba(x.flip(-1))) / 2
-    assert torch.allclose(predict_probs(model, x, 1.0, "flip"), expected, atol=1e-6)
-    assert not torch.allclose(predict_probs(model, x, 1.0, "none"), expected, atol=1e-4)
+    assert torch.allclose(session.predict_batch(x, "flip"), expected, atol=1e-6)
+    assert not torch.allclose(session.predict_batch(x, "none"), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize(

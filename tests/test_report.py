@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from helpers import ROOT, compose_cfg, write_images
 
-from visiontune.build import checkpoint_datamodule, load_classifier
-from visiontune.deploy.inference import check_class_names, collect_logits, indexed_loader
+from visiontune.deploy.inference import check_class_names
+from visiontune.deploy.session import InferenceSession
 from visiontune.errors import UserError
 from visiontune.eval import evaluate
 from visiontune.evaluation import calibration, report
+from visiontune.training.checkpoints import load_classifier
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -121,10 +122,11 @@ def test_eval_report_agrees_with_the_logits(tiny_checkpoint, tmp_path):
         assert on_disk[key] == metrics[key]
 
     # the same numbers, straight from the model's logits
-    model = load_classifier(tiny_checkpoint)
-    datamodule = checkpoint_datamodule(model)
+    session = InferenceSession.from_checkpoint(tiny_checkpoint, "cpu")
+    model, datamodule = session.model, session.datamodule
     datamodule.setup("test")
-    logits, targets, _ = collect_logits(model, indexed_loader(datamodule.test_set, batch_size=7))
+    logits, targets, _ = session.collect(datamodule.test_set, batch_size=7)
+    targets = targets["class"]
     predicted = logits.argmax(1)
     assert metrics["test/acc"] == pytest.approx((predicted == targets).float().mean().item(), abs=1e-6)
     with open(tmp_path / "per_class.csv") as f:

@@ -11,9 +11,8 @@ from helpers import compose_cfg, fashion_mnist_test_images
 from torch.utils.data import Subset
 from torchvision.transforms.v2 import functional as TF
 
-from visiontune.build import checkpoint_datamodule, load_classifier
 from visiontune.config import validate_eval_config
-from visiontune.deploy.inference import collect_logits, indexed_loader
+from visiontune.deploy.session import InferenceSession
 from visiontune.eval import evaluate
 from visiontune.evaluation.corruptions import (
     CORRUPTIONS,
@@ -157,11 +156,12 @@ def test_robustness_eval_writes_its_table_figure_and_metrics(tiny_checkpoint, tm
         np.mean([r["accuracy"] for r in rows if r["corruption"] == "contrast"]), abs=1e-4
     )
     # the clean pass is the plain test accuracy on the same 20 images, through the normal eval transform
-    model = load_classifier(tiny_checkpoint)
-    datamodule = checkpoint_datamodule(model)
+    session = InferenceSession.from_checkpoint(tiny_checkpoint, "cpu")
+    datamodule = session.datamodule
     datamodule.setup("test")
     keep = subset_indices(datamodule.test_set.labels, 20, seed=cfg.robustness_seed)
-    logits, targets, _ = collect_logits(model, indexed_loader(Subset(datamodule.test_set, keep.tolist())))
+    logits, targets, _ = session.collect(Subset(datamodule.test_set, keep.tolist()))
+    targets = targets["class"]
     expected = float((logits.argmax(1) == targets).float().mean())
     assert saved["robust/clean_acc"] == pytest.approx(expected) == rows[0]["accuracy"]
     assert metrics["robust/mean_acc"] == saved["robust/mean_acc"]

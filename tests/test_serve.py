@@ -15,7 +15,10 @@ from helpers import ROOT, fashion_mnist_test_images
 from PIL import Image
 
 from visiontune.build import checkpoint_eval_transform, load_classifier
-from visiontune.serve import ServerThread, TorchPredictor, bind_socket, create_app, rename_model_override
+from visiontune.deploy.outputs import task_spec
+from visiontune.deploy.session import InferenceSession
+from visiontune.models.heads import resolve_task
+from visiontune.serve import ServerThread, bind_socket, create_app, rename_model_override
 
 TIMEOUT = httpx.Timeout(60.0)
 
@@ -29,7 +32,7 @@ def png_bytes(array) -> bytes:
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
     """The checkpoint's service in a background thread; requests wait up to 50 ms to share a batch."""
-    predictor = TorchPredictor(str(tiny_checkpoint), device="cpu")
+    predictor = InferenceSession.from_checkpoint(tiny_checkpoint, "cpu")
     app = create_app(predictor, max_batch_size=8, batch_timeout=0.05, max_bytes=50_000, topk=3)
     with ServerThread(app, bind_socket("127.0.0.1", 0)) as running:
         yield running
@@ -131,19 +134,18 @@ def test_an_exported_onnx_model_serves_the_checkpoint_answers(tiny_checkpoint, t
     from helpers import compose_cfg
 
     from visiontune.export import export
-    from visiontune.serve import OnnxPredictor
 
     export(
         compose_cfg([f"ckpt_path={tiny_checkpoint}", "format=onnx"], tmp_path, config_name="export"), patch={}
     )
     arrays = [a for a, _ in fashion_mnist_test_images(4, start=40)]
     app = create_app(
-        OnnxPredictor(str(tmp_path / "model.onnx")), max_batch_size=4, batch_timeout=0.01, topk=10
+        InferenceSession.from_export(tmp_path / "model.onnx"), max_batch_size=4, batch_timeout=0.01, topk=10
     )
     with ServerThread(app, bind_socket("127.0.0.1", 0)) as running:
         with httpx.Client(base_url=running.url, timeout=TIMEOUT) as client:
             answers = [client.post("/predict", content=png_bytes(a)).json() for a in arrays]
-    torch_predictor = TorchPredictor(str(tiny_checkpoint), device="cpu")
+    torch_predictor = InferenceSession.from_checkpoint(tiny_checkpoint, "cpu")
     direct = torch_predictor([Image.fromarray(a).convert("RGB") for a in arrays])
     for answer, probs in zip(answers, direct, strict=True):
         served = {t["label"]: t["prob"] for t in answer["topk"]}
@@ -158,6 +160,7 @@ class SlowPredictor:
     class_names = ["a", "b", "c"]
     temperature = 1.0
     source = "slow"
+    task = task_spec(resolve_task(None, class_names), [])
 
     def __init__(self):
         self.batch_sizes = []

@@ -48,10 +48,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from visiontune.build import checkpoint_datamodule, load_classifier
-from visiontune.cli import CONF_DIR, plain, run_cli
+from visiontune.cli import CONF_DIR, data_patch, plain, run_cli
 from visiontune.config import validate_compress_config
-from visiontune.deploy.inference import check_class_names, cli_data_patch, indexed_loader, quiet_warnings
+from visiontune.deploy.inference import quiet_warnings
+from visiontune.deploy.session import InferenceSession, device_setting, indexed_loader, open_onnx, pick_device
 from visiontune.errors import UserError
 from visiontune.export import export, parity_indices
 from visiontune.models.structure import describe_structure
@@ -103,16 +103,6 @@ def model_figures(model: ImageClassifier, image_size: int) -> dict:
 # ------------------------------------------------------------------ ONNX Runtime
 
 
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def median_ms_per_image(session, batch: np.ndarray, runs: int) -> float:
     """Median wall time of one run on `batch`, per image, after WARMUP_RUNS untimed runs."""
     feed = {session.get_inputs()[0].name: batch}
@@ -151,7 +141,7 @@ def test_predictions(
     predictions = {name: [] for name in sessions}
     targets, first = [], None
     for batch in loader:
-        if len(batch) == 0:
+        if batch is None:  # every item of the batch was unreadable
             continue
         _, images, labels = batch
         array = images.numpy().astype(np.float32)
@@ -167,7 +157,7 @@ def test_predictions(
 
 def measure(paths: dict[str, Path], loader: DataLoader, threads: int, runs: int) -> tuple[dict, float, int]:
     """({model: size, latency, test_acc}, top-1 agreement of the two models, test images)."""
-    sessions = {name: ort_session(path, threads) for name, path in paths.items()}
+    sessions = {name: open_onnx(path, threads) for name, path in paths.items()}
     predictions, targets, first = test_predictions(sessions, loader)
     figures = {}
     for name, path in paths.items():
@@ -471,7 +461,7 @@ def compress_prune(cfg: DictConfig, model: ImageClassifier, datamodule, patch: d
     finetuned = {}
     if int(cfg.finetune_epochs) > 0:
         finetuned = finetune(
-            model, datamodule, int(cfg.finetune_epochs), plain(cfg.trainer), work, cfg.finetune_lr
+            model, datamodule, int(cfg.finetune_epochs), finetune_trainer(cfg), work, cfg.finetune_lr
         )
     datamodule.setup("fit")
     bn_images = recalibrate_batchnorm(model, datamodule.train_dataloader())
@@ -507,6 +497,12 @@ def compress_prune(cfg: DictConfig, model: ImageClassifier, datamodule, patch: d
 METHODS = {"int8": compress_int8, "prune": compress_prune}
 
 
+def finetune_trainer(cfg: DictConfig) -> dict:
+    """The prune fine-tune's Trainer arguments: cfg.trainer, on the command's `device`."""
+    trainer = {k: v for k, v in plain(cfg.trainer).items() if v is not None}
+    return {**trainer, "accelerator": pick_device(device_setting(cfg)).type}
+
+
 def refuse_overwriting_input(ckpt_path: str, run_dir: Path, method: str) -> None:
     names = (*OUTPUT_FILES[method], "compress.json")
     source = Path(str(ckpt_path)).resolve()
@@ -538,16 +534,14 @@ def compress(cfg: DictConfig, patch: dict | None = None) -> dict:
     method = str(cfg.method)
     run_dir = Path(cfg.paths.output_dir)
     refuse_overwriting_input(cfg.ckpt_path, run_dir, method)
-    model = load_classifier(cfg.ckpt_path).cpu()
-    if model.hparams.task:
+    patch = data_patch(cfg) if patch is None else patch
+    session = InferenceSession.from_checkpoint(cfg.ckpt_path, "cpu", patch)
+    if [h.kind for h in session.heads] != ["multiclass"]:  # one softmax head: top-1 is defined
         raise UserError(
-            f"{cfg.ckpt_path} is a multilabel/multitask checkpoint; compress measures top-1 accuracy and "
+            f"{cfg.ckpt_path} is a {session.task['name']} checkpoint; compress measures top-1 accuracy and "
             "agreement, so it takes multiclass checkpoints only. Fix: export it with visiontune.export"
         )
-    patch = cli_data_patch(cfg) if patch is None else patch
-    datamodule = checkpoint_datamodule(model, patch)
-    allow = bool(patch.get("allow_class_mismatch", False))
-    check_class_names(model.hparams.get("class_names"), list(datamodule.classes), allow)
+    model, datamodule = session.model, session.labelled_data()
 
     import onnxruntime
 

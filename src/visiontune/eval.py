@@ -10,6 +10,10 @@ robustness.py) and robust/* in metrics.json.
 
 test/acc and test/loss are computed exactly as the module's test_step logs them (raw logits), so they
 equal what training reported for the same checkpoint; test/nll and test/ece use the temperature.
+A multilabel or multitask checkpoint gets its per-head metrics (test/<head>/acc, test/map, ...),
+per_label.csv and report.md instead (`REPORTS`: one report per task).
+
+`device=auto|cpu|cuda` says where the model runs (`trainer.accelerator`, its old spelling, still works).
 """
 
 from __future__ import annotations
@@ -21,19 +25,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from visiontune.build import checkpoint_datamodule, load_classifier
-from visiontune.cli import CONF_DIR, print_summary, run_cli
+from visiontune.cli import CONF_DIR, data_patch, print_summary, run_cli
 from visiontune.config import validate_eval_config
-from visiontune.deploy import outputs
-from visiontune.deploy.inference import (
-    check_class_names,
-    cli_data_patch,
-    collect_logits,
-    indexed_loader,
-    pick_device,
-    quiet_warnings,
-    temperature_of,
-)
+from visiontune.deploy.inference import quiet_warnings
+from visiontune.deploy.session import InferenceSession, device_setting
 from visiontune.errors import UserError
 from visiontune.evaluation import calibration, report, robustness
 from visiontune.training import tasks
@@ -54,47 +49,49 @@ def evaluate(cfg: DictConfig, patch: dict | None = None) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     validate_eval_config(cfg)
-    model = load_classifier(cfg.ckpt_path).to(pick_device(cfg.trainer.accelerator))
-    patch = cli_data_patch(cfg) if patch is None else patch
-    datamodule = checkpoint_datamodule(model, patch)
-    allow = bool(patch.get("allow_class_mismatch", cfg.data.get("allow_class_mismatch", False)))
-    check_class_names(model.hparams.get("class_names"), list(datamodule.classes), allow)
-    class_names = list(model.hparams.get("class_names") or datamodule.classes)
+    patch = data_patch(cfg) if patch is None else patch
+    session = InferenceSession.from_checkpoint(cfg.ckpt_path, device_setting(cfg), patch)
+    datamodule = session.labelled_data()
     datamodule.setup("test")
-    if model.hparams.task:  # task=multilabel|multitask: per-head metrics and per_label.csv
-        return evaluate_task(model, datamodule, cfg, run_dir)
-    loader = indexed_loader(datamodule.test_set, like=datamodule.test_dataloader())
-    logits, targets, indices = collect_logits(model, loader)
-    temperature = temperature_of(model)
+    logits, targets, indices = session.collect(datamodule.test_set, like=datamodule.test_dataloader())
+    return REPORTS[session.task["name"]](session, logits, targets, indices, cfg, run_dir)
+
+
+def evaluate_classes(session, logits, targets, indices, cfg: DictConfig, run_dir: Path) -> dict:
+    """A multiclass checkpoint: accuracy, calibration and the class report; calibrate=true and
+    robustness=true add their parts."""
+    targets = targets[session.heads[0].name].long()
+    datamodule, temperature = session.datamodule, session.temperature
     metrics: dict = calibration.classification_metrics(logits, targets, temperature)
     metrics.update({"temperature": temperature, "test/images": len(targets), "ckpt_path": str(cfg.ckpt_path)})
 
     fitted = None
     if cfg.calibrate:
-        fitted = calibrate(model, datamodule, logits, targets, cfg, run_dir)
+        fitted = calibrate(session, logits, targets, cfg, run_dir)
         metrics.update(fitted)
     if cfg.get("robustness"):
         subset, seed = cfg.get("robustness_subset"), int(cfg.get("robustness_seed") or 0)
         like = datamodule.test_dataloader()
-        metrics.update(robustness.run_robustness(model, datamodule, subset, seed, run_dir, like=like))
+        metrics.update(robustness.run_robustness(session, subset, seed, run_dir, like=like))
     if cfg.report.enabled:
+        class_names = list(session.heads[0].classes)
         write_report(run_dir, metrics, logits, targets, indices, datamodule, class_names, fitted, cfg)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     print_summary(metrics, run_dir, keys=SUMMARY)
     return metrics
 
 
-def calibrate(model, datamodule, test_logits, test_targets, cfg: DictConfig, run_dir: Path) -> dict:
+def calibrate(session, test_logits, test_targets, cfg: DictConfig, run_dir: Path) -> dict:
     """Fit one temperature on the validation split; write <run dir>/calibrated.ckpt with it.
 
     The input checkpoint is never modified: the calibrated copy is the same file with
     hyper_parameters["temperature"] set, which predict, export and serve read.
     """
+    datamodule = session.datamodule
     datamodule.setup("fit")
-    val_logits, val_targets, _ = collect_logits(
-        model, indexed_loader(datamodule.val_set, like=datamodule.val_dataloader())
-    )
-    before = temperature_of(model)
+    val_logits, val_targets, _ = session.collect(datamodule.val_set, like=datamodule.val_dataloader())
+    val_targets = val_targets[session.heads[0].name].long()
+    before = session.temperature
     fitted = calibration.fit_temperature(val_logits, val_targets)
     result = {
         "temperature_fitted": fitted,
@@ -151,28 +148,30 @@ def write_report(run_dir, metrics, logits, targets, indices, datamodule, class_n
     report.write_report_md(run_dir / "report.md", metrics, rows, confusions, calib, str(cfg.ckpt_path))
 
 
-def evaluate_task(model, datamodule, cfg: DictConfig, run_dir: Path) -> dict:
+def evaluate_heads(session, logits, targets, indices, cfg: DictConfig, run_dir: Path) -> dict:
     """A multilabel or multitask checkpoint: the test metrics exactly as its test_step logs them
     (tasks.head_scores, at the checkpoint's thresholds), per_label.csv and report.md."""
-    task = model.hparams.task["name"]
+    task = session.task["name"]
     for key in ("calibrate", "robustness"):
         if cfg.get(key):
             raise UserError(
                 f"{key}=true is for multiclass checkpoints; this one is task={task}. Fix: {key}=false"
             )
-    loader = indexed_loader(datamodule.test_set, like=datamodule.test_dataloader())
-    logits, targets, _ = outputs.collect_outputs(model, loader)
-    heads, thresholds = model.objective.heads, model.head.thresholds.cpu()
+    heads, thresholds = session.heads, session.model.head.thresholds.cpu()
     metrics = tasks.head_scores(logits, targets, heads, thresholds, "test", per_label=True)
     metrics.update({"test/images": len(logits), "ckpt_path": str(cfg.ckpt_path), "task": task})
     if cfg.report.enabled:
-        rows = report.per_label_rows(heads.probabilities(logits, heads), targets, heads, thresholds)
+        rows = report.per_label_rows(session.probabilities(logits), targets, heads, thresholds)
         report.write_per_label_csv(rows, run_dir / "per_label.csv")
         report.write_task_report_md(run_dir / "report.md", metrics, rows, str(cfg.ckpt_path))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     shown = [k for k in metrics if k.startswith("test/") and "/ap/" not in k]
     print_summary(metrics, run_dir, keys=tuple(sorted(shown)))
     return metrics
+
+
+# the report of each task: a multiclass model's is the class report, with calibration and robustness
+REPORTS = {"multiclass": evaluate_classes, "multilabel": evaluate_heads, "multitask": evaluate_heads}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

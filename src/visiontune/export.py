@@ -13,9 +13,9 @@ deployed path against PyTorch. export.json also splits it: `model_max_abs_diff` 
 vs PyTorch on identical inputs) and `preprocess_max_abs_diff` (deployer vs training preprocessing,
 in grey levels). Both probability differences must be at most `tolerance` (1e-4), or nothing is written.
 
-A multilabel or multitask checkpoint exports the same way: the heads' outputs side by side (softmax per
-multiclass head, sigmoid per label), and preprocess.json's `task` names each head's slice, classes and
-(multilabel) thresholds.
+Every task exports the same way: the heads' outputs side by side (softmax per multiclass head, sigmoid
+per label; a multiclass model is one head), and preprocess.json's `task` names each head's slice,
+classes and (multilabel) thresholds.
 
 Every file goes to a temporary name first and is renamed only when the check has passed.
 """
@@ -34,19 +34,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from visiontune.build import checkpoint_datamodule, load_classifier
-from visiontune.cli import CONF_DIR, run_cli
-from visiontune.deploy import outputs
-from visiontune.deploy.inference import (
-    check_class_names,
-    cli_data_patch,
-    quiet_warnings,
-    raw_image,
-    temperature_of,
-)
-from visiontune.deploy.preprocess import INTERPOLATIONS, load_spec, make_spec, preprocess_image, softmax
+from visiontune.cli import CONF_DIR, data_patch, run_cli
+from visiontune.deploy.inference import quiet_warnings, raw_image
+from visiontune.deploy.preprocess import INTERPOLATIONS, load_spec, preprocess_image
+from visiontune.deploy.session import ExportedModel, InferenceSession
 from visiontune.errors import UserError
-from visiontune.models import heads
+from visiontune.models.heads import head_probabilities
 
 log = logging.getLogger("visiontune")
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -56,24 +49,21 @@ INPUT_NAME, OUTPUT_NAMES = "image", {"probabilities": "probabilities", "logits":
 
 class Deployable(nn.Module):
     """The network alone (backbone, then head: no Lightning state, so it traces and exports) with the
-    temperature folded in: image batch -> probabilities, or logits with output="logits".
+    temperature folded in: image batch -> each head's probabilities, or logits with output="logits".
 
-    The parity check compares it against the ImageClassifier itself, so a wrong assembly fails there.
+    The parity check compares it against the session's own probabilities, so a wrong assembly fails there.
     """
 
-    def __init__(self, model: nn.Module, temperature: float, output: str):
+    def __init__(self, session: InferenceSession, output: str):
         super().__init__()
-        self.net = nn.Sequential(model.backbone, model.head)
-        self.temperature, self.output = float(temperature), output
-        self.heads = model.objective.heads if model.hparams.task else None
+        self.net = nn.Sequential(session.model.backbone, session.model.head)
+        self.heads, self.temperature, self.output = session.heads, session.temperature, output
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.net(image)
         if self.output == "logits":
             return logits
-        if self.heads is not None:  # multilabel / multitask: each head's own probabilities
-            return heads.head_probabilities(logits, self.heads, self.temperature)
-        return torch.softmax(logits / self.temperature, dim=-1)
+        return head_probabilities(logits, self.heads, self.temperature)
 
 
 def export_onnx(
@@ -98,36 +88,11 @@ def export_onnx(
 
 
 def export_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
-    with (
-        warnings.catch_warnings()
-    ):  # torch 2.14 marks TorchScript deprecated; format=onnx is the future-proof one
+    # torch 2.14 marks TorchScript deprecated (a warning, silenced); format=onnx is the future-proof one
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, example, check_trace=False)
         traced.save(str(path))
-
-
-class Runner:
-    """Run an exported file on a numpy batch (N, 3, H, W) float32 -> numpy outputs."""
-
-    def __init__(self, path: Path, fmt: str):
-        self.fmt = fmt
-        if fmt == "onnx":
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            self.input_name = self.session.get_inputs()[0].name
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.module = torch.jit.load(str(path), map_location="cpu").eval()
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if self.fmt == "onnx":
-            return self.session.run(None, {self.input_name: batch})[0]
-        with torch.inference_mode():
-            return self.module(torch.from_numpy(batch)).numpy()
 
 
 def parity_indices(n_total: int, n: int) -> list[int]:
@@ -137,23 +102,15 @@ def parity_indices(n_total: int, n: int) -> list[int]:
     return np.linspace(0, n_total - 1, n).round().astype(int).tolist()
 
 
-def parity_check(runner: Runner, model: nn.Module, spec: dict, images, eval_transform) -> dict:
+def parity_check(exported_model: ExportedModel, session: InferenceSession, spec: dict, images) -> dict:
     """The deployed path (preprocess.json + exported file) against PyTorch (eval transform + classifier)."""
     deployed = np.stack([preprocess_image(image, spec) for image in images])
-    trained = torch.stack([eval_transform(image) for image in images])
-    temperature = spec["temperature"]
-
-    def probs(logits: np.ndarray) -> np.ndarray:
-        if spec.get("task"):  # multilabel / multitask: each head's own
-            return outputs.deployed_probabilities(logits, spec)
-        return softmax(logits, temperature)
-
-    exported = runner(deployed)
+    trained = torch.stack([session.transform(image) for image in images])
+    exported = exported_model(deployed)
     if spec["output"] == "logits":
-        exported = probs(exported)
-    with torch.inference_mode():
-        same_inputs = probs(model(torch.from_numpy(deployed)).numpy())
-        reference = probs(model(trained).numpy())
+        exported = session.probabilities(exported).numpy()
+    same_inputs = session.predict_batch(torch.from_numpy(deployed)).numpy()
+    reference = session.predict_batch(trained).numpy()
     std = np.asarray(spec["std"], dtype=np.float32).reshape(1, -1, 1, 1)
     return {
         "max_abs_diff": float(np.abs(exported - reference).max()),
@@ -177,22 +134,15 @@ def export(cfg: DictConfig, patch: dict | None = None) -> dict:
         raise UserError(f"format={fmt} is unknown; choose one of {', '.join(FORMATS)}")
     if cfg.output not in OUTPUTS:
         raise UserError(f"output={cfg.output} is unknown; choose one of {', '.join(OUTPUTS)}")
-    model = load_classifier(cfg.ckpt_path).cpu()
-    temperature = temperature_of(model)
-    patch = cli_data_patch(cfg) if patch is None else patch
-    datamodule = checkpoint_datamodule(model, patch)
-    class_names = list(model.hparams.get("class_names") or datamodule.classes)
-    check_class_names(class_names, list(datamodule.classes), bool(patch.get("allow_class_mismatch", False)))
-    spec = make_spec(datamodule.image_size, datamodule.crop_pct, datamodule.interpolation, datamodule.mean,
-                     datamodule.std, class_names, temperature, cfg.output,
-                     backbone=str(model.hparams.model.get("backbone", "")))  # fmt: skip
-    if model.hparams.task:  # multilabel / multitask: the heads' slices, classes, thresholds
-        spec["task"] = outputs.task_spec(model.hparams.task, model.head.thresholds)
+    patch = data_patch(cfg) if patch is None else patch
+    session = InferenceSession.from_checkpoint(cfg.ckpt_path, "cpu", patch)
+    datamodule = session.labelled_data()
     if datamodule.interpolation not in INTERPOLATIONS:
         raise UserError(
             f"interpolation {datamodule.interpolation}: preprocess.json readers reproduce only "
             f"{', '.join(INTERPOLATIONS)}. Fix: train with data.interpolation=bicubic (or bilinear)"
         )
+    spec = session.export_spec(str(cfg.output))
     datamodule.setup("test")
     indices = parity_indices(len(datamodule.test_set), int(cfg.parity_images))
     images = [raw_image(datamodule.test_set, i) for i in indices]
@@ -207,7 +157,7 @@ def export(cfg: DictConfig, patch: dict | None = None) -> dict:
         "report": out_dir / "export.json",
     }
     tmp = {k: p.with_name(f".{p.name}.tmp") for k, p in final.items()}
-    module = Deployable(model, temperature, cfg.output).eval()
+    module = Deployable(session, cfg.output).eval()
     size = datamodule.image_size
     example = torch.zeros(2, 3, size, size)
     try:
@@ -216,15 +166,14 @@ def export(cfg: DictConfig, patch: dict | None = None) -> dict:
         else:
             export_torchscript(module, example, tmp["model"])
         tmp["preprocess"].write_text(json.dumps(spec, indent=2))
-        parity = parity_check(Runner(tmp["model"], fmt), model, load_spec(tmp["preprocess"]), images,
-                              datamodule.eval_transform())  # fmt: skip
+        parity = parity_check(ExportedModel(tmp["model"], fmt), session, load_spec(tmp["preprocess"]), images)
         result = {
             "format": fmt,
             "model": str(final["model"]),
             "preprocess": str(final["preprocess"]),
             "ckpt_path": str(cfg.ckpt_path),
             "output": cfg.output,
-            "temperature": temperature,
+            "temperature": session.temperature,
             "dynamic_batch": True,
             "tolerance": float(cfg.tolerance),
             **parity,

@@ -9,10 +9,10 @@ A file that is not a readable image becomes a row with the reason in `error`; th
 still predicted and the exit code is 0. Probabilities are softmax(logits / temperature) with the
 checkpoint's temperature (eval calibrate=true stores one).
 
-A multilabel or multitask checkpoint writes one column group per head instead: `label,prob` for a
-multiclass head, `labels,probs` (the labels at or above their thresholds, `|`-separated, most probable
-first) for a multilabel one, named `<head>/label` etc. for multitask (plus `target,correct` for a split;
-for a multilabel head `correct` means the exact set).
+Every task writes one column group per head (deploy/outputs.py): `label,prob,top1_label,top1_prob,...`
+for a multiclass head, `labels,probs` (the labels at or above their thresholds, `|`-separated, most
+probable first) for a multilabel one, named `<head>/label` etc. for multitask (plus `target,correct` for
+a split; for a multilabel head `correct` means the exact set). A multiclass model is one such head.
 """
 
 from __future__ import annotations
@@ -28,23 +28,14 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from visiontune.build import checkpoint_datamodule, load_classifier
-from visiontune.cli import CONF_DIR, print_summary, run_cli
+from visiontune.cli import CONF_DIR, data_patch, print_summary, run_cli
 from visiontune.data.files import IMAGE_EXTENSIONS, check_image
 from visiontune.data.images import open_image
+from visiontune.data.indexed import Indexed
 from visiontune.deploy import outputs
-from visiontune.deploy.inference import (
-    Indexed,
-    check_class_names,
-    cli_data_patch,
-    item_name,
-    pick_device,
-    quiet_warnings,
-    temperature_of,
-)
+from visiontune.deploy.inference import item_name, quiet_warnings
+from visiontune.deploy.session import InferenceSession, device_setting
 from visiontune.errors import UserError
-from visiontune.evaluation.calibration import scaled_probs
-from visiontune.models import heads
 
 log = logging.getLogger("visiontune")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -129,66 +120,24 @@ def _collate(batch):
     return list(zip(*batch, strict=True))
 
 
-@torch.inference_mode()
-def predict_probs(model, images: torch.Tensor, temperature: float, tta: str = "none") -> torch.Tensor:
-    """softmax(logits / T) for a batch (each head's own for a task); with tta=flip, the mean over the
-    image and its mirror."""
-    probs = output_probs(model, model(images), temperature)
-    if tta == "flip":
-        probs = (probs + output_probs(model, model(images.flip(-1)), temperature)) / 2
-    return probs.float().cpu()
-
-
-def output_probs(model, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    if model.hparams.task:  # multilabel / multitask
-        return heads.head_probabilities(logits, model.objective.heads, temperature)
-    return scaled_probs(logits, temperature)
-
-
-def prediction_columns(k: int, with_target: bool) -> list[str]:
-    columns = ["path", "label", "prob"]
-    for r in range(1, k + 1):
-        columns += [f"top{r}_label", f"top{r}_prob"]
-    if with_target:
-        columns += ["target", "correct"]
-    return [*columns, "error"]
-
-
-def run_predictions(model, dataset, names: list[str], class_names, temperature, topk, tta, batch_size,
-                    num_workers, device, spec: dict | None = None) -> list[dict]:  # fmt: skip
-    """One row per item of `dataset` (FileInputs or SplitInputs), in order; `spec` (outputs.task_spec)
-    for a multilabel or multitask model."""
-    k = min(topk, len(class_names))
+def run_predictions(session: InferenceSession, dataset, names: list[str], topk: int, tta: str, batch_size: int,
+                    num_workers: int) -> list[dict]:  # fmt: skip
+    """One row per item of `dataset` (FileInputs or SplitInputs), in order: each head's cells."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     rows: list[dict] = []
     for batch in loader:
         index, images, errors = batch[0], batch[1], batch[2]
         targets = batch[3] if len(batch) > 3 else None
         good = [j for j, image in enumerate(images) if image is not None]
-        probs = None
-        if good:
-            probs = predict_probs(model, torch.stack([images[j] for j in good]).to(device), temperature, tta)
+        probs = session.predict_batch(torch.stack([images[j] for j in good]), tta) if good else None
         position = {j: n for n, j in enumerate(good)}
         for j, i in enumerate(index):
             row = {"path": names[i], "error": errors[j]}
-            if spec is not None:
-                if j in position:
-                    row.update(outputs.prediction_cells(probs[position[j]], spec))
-                if targets is not None and isinstance(targets[j], dict):
-                    row.update(outputs.target_cells(targets[j], spec, row if j in position else None))
-                rows.append(row)
-                continue
             if j in position:
-                p = probs[position[j]]
-                top_p, top_i = p.topk(k)
-                row.update(label=class_names[int(top_i[0])], prob=f"{float(top_p[0]):.6f}")
-                for r in range(k):
-                    row[f"top{r + 1}_label"] = class_names[int(top_i[r])]
-                    row[f"top{r + 1}_prob"] = f"{float(top_p[r]):.6f}"
-            if targets is not None and targets[j] >= 0:
-                row["target"] = class_names[targets[j]]
-                if j in position:
-                    row["correct"] = int(row["label"] == row["target"])
+                row.update(outputs.prediction_cells(probs[position[j]], session.task, topk=topk))
+            if targets is not None:  # a multiclass split's target is a class index
+                target = targets[j] if isinstance(targets[j], dict) else {session.heads[0].name: targets[j]}
+                row.update(outputs.target_cells(target, session.task, row if j in position else None))
             rows.append(row)
     return rows
 
@@ -217,35 +166,23 @@ def predict(cfg: DictConfig, patch: dict | None = None) -> dict:
     files = resolve_inputs(inputs) if split is None else None  # bad paths fail before the model loads
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    model = load_classifier(cfg.ckpt_path).to(device)
-    temperature = temperature_of(model)
-    patch = cli_data_patch(cfg) if patch is None else patch
-    datamodule = checkpoint_datamodule(model, patch)
-    class_names = list(model.hparams.get("class_names") or datamodule.classes)
-    batch_size = int(cfg.batch_size or datamodule.cfg.get("batch_size") or 32)
+    patch = data_patch(cfg) if patch is None else patch
+    session = InferenceSession.from_checkpoint(cfg.ckpt_path, device_setting(cfg), patch)
     if split is None:
-        dataset = FileInputs(files, datamodule.eval_transform())
+        dataset = FileInputs(files, session.transform)
         names = [str(p) for p in files]
     else:  # labelled data: its classes must be the checkpoint's, as for eval
-        allow = bool(patch.get("allow_class_mismatch", False))
-        check_class_names(model.hparams.get("class_names"), list(datamodule.classes), allow)
+        datamodule = session.labelled_data()
         datamodule.setup("test" if split == "test" else "fit")
         source = datamodule.test_set if split == "test" else datamodule.val_set
         dataset = SplitInputs(source)
         names = [item_name(source, i, split) for i in range(len(source))]
-    spec = (
-        outputs.task_spec(model.hparams.task, model.head.thresholds) if model.hparams.task else None
-    )
-    rows = run_predictions(model, dataset, names, class_names, temperature, int(cfg.topk), cfg.tta,
-                           batch_size, int(cfg.num_workers), device, spec)  # fmt: skip
-    k = min(int(cfg.topk), len(class_names))
-    columns = prediction_columns(k, split is not None)
-    if spec is not None:
-        columns = ["path", *outputs.head_columns(spec, split is not None), "error"]
+    batch_size = int(cfg.batch_size or session.datamodule.cfg.get("batch_size") or 32)
+    rows = run_predictions(session, dataset, names, int(cfg.topk), cfg.tta, batch_size, int(cfg.num_workers))
+    columns = ["path", *outputs.head_columns(session.task, split is not None, int(cfg.topk)), "error"]
     write_rows(rows, columns, run_dir / "predictions.csv")
     errors = sum(1 for r in rows if r["error"])
-    summary = {"images": len(rows) - errors, "errors": errors, "temperature": temperature}
+    summary = {"images": len(rows) - errors, "errors": errors, "temperature": session.temperature}
     for column in [c for c in columns if c.endswith("correct")]:  # correct, or <head>/correct
         judged = [r[column] for r in rows if column in r]
         head = column[: -len("correct")]

@@ -27,17 +27,17 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import hydra
 import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from omegaconf import DictConfig
 from starlette.concurrency import run_in_threadpool
 
 from visiontune.cli import CONF_DIR, run_cli
+from visiontune.deploy.outputs import describe
+from visiontune.deploy.session import InferenceSession, device_setting
 from visiontune.errors import UserError
 
 log = logging.getLogger("visiontune")
@@ -49,71 +49,7 @@ class BadRequest(Exception):
         self.status, self.message = status, message
 
 
-# -- the model behind the service: a list of RGB images -> probabilities (N, C)
-class TorchPredictor:
-    def __init__(self, ckpt_path: str, device: str = "auto"):
-        from visiontune.build import checkpoint_eval_transform, load_classifier
-        from visiontune.deploy.inference import pick_device, temperature_of
-
-        self.device = pick_device(device)
-        self.model = load_classifier(ckpt_path).to(self.device)
-        self.temperature = temperature_of(self.model)
-        self.transform = checkpoint_eval_transform(self.model)
-        self.class_names = list(self.model.hparams.get("class_names") or [])
-        if not self.class_names:
-            self.class_names = [str(i) for i in range(self.model.hparams.num_classes)]
-        self.source = str(ckpt_path)
-        self.task = None  # multilabel / multitask: tasks.task_spec, and answers per head
-        if self.model.hparams.task:
-            from visiontune.deploy.outputs import task_spec
-
-            self.task = task_spec(self.model.hparams.task, self.model.head.thresholds.cpu())
-
-    def __call__(self, images: list) -> np.ndarray:
-        batch = torch.stack([self.transform(image) for image in images]).to(self.device)
-        with torch.inference_mode():
-            if self.task is not None:
-                return self.model.probabilities(self.model(batch).float()).cpu().numpy()
-            return (self.model(batch).float() / self.temperature).softmax(-1).cpu().numpy()
-
-
-class OnnxPredictor:
-    def __init__(self, onnx_path: str):
-        import onnxruntime as ort
-
-        from visiontune.deploy.preprocess import load_spec
-
-        path = Path(onnx_path)
-        spec_path = path.with_name("preprocess.json")
-        if not path.is_file():
-            raise UserError(f"model={path} does not exist. Fix: model=<export run dir>/model.onnx")
-        if not spec_path.is_file():
-            raise UserError(
-                f"no preprocess.json beside {path}. Fix: export again (python -m visiontune.export)"
-            )
-        self.spec = load_spec(spec_path)
-        try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
-        self.input_name = self.session.get_inputs()[0].name
-        self.class_names = list(self.spec["class_names"])
-        self.temperature = float(self.spec.get("temperature", 1.0))
-        self.task = self.spec.get("task")
-        self.source = str(path)
-
-    def __call__(self, images: list) -> np.ndarray:
-        from visiontune.deploy.preprocess import preprocess_image, softmax
-
-        batch = np.stack([preprocess_image(image, self.spec) for image in images])
-        out = self.session.run(None, {self.input_name: batch})[0]
-        if self.spec["output"] == "probabilities":
-            return out
-        if self.task is not None:
-            from visiontune.deploy.outputs import deployed_probabilities
-
-            return deployed_probabilities(out, self.spec)
-        return softmax(out, self.temperature)
+# the model behind the service is a deploy.session.InferenceSession: a list of RGB images -> probabilities
 
 
 class MicroBatcher:
@@ -248,7 +184,8 @@ async def image_bytes(request, max_bytes: int) -> bytes:
 
 def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01, max_bytes: int = 10_000_000,
                topk: int = 5, max_pending: int = 256):  # fmt: skip
-    """The FastAPI app around `predictor` (a callable: list of RGB images -> probabilities (N, C))."""
+    """The FastAPI app around `predictor` (an InferenceSession, or any callable: list of RGB images ->
+    probabilities (N, outputs), with `class_names`, `temperature`, `source` and `task`, the task_spec)."""
     batcher = MicroBatcher(predictor, max_batch_size, batch_timeout)
     names = predictor.class_names
     k = max(1, min(int(topk), len(names)))
@@ -271,7 +208,7 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
             "model": predictor.source,
             "classes": len(names),
             "temperature": predictor.temperature,
-            "task": (getattr(predictor, "task", None) or {}).get("name", "multiclass"),
+            "task": predictor.task["name"],
             "max_batch_size": batcher.max_batch_size,
             "requests": batcher.items,
             "batches": batcher.batches,
@@ -302,13 +239,7 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
         except Exception as exc:  # noqa: BLE001 - the model failed on this image: a JSON 500, not a crash
             log.exception("prediction failed")
             return JSONResponse({"error": f"prediction failed ({type(exc).__name__})"}, status_code=500)
-        if getattr(predictor, "task", None):  # multilabel / multitask
-            from visiontune.deploy.outputs import describe
-
-            return describe(probs, predictor.task, k)
-        order = np.argsort(-probs, kind="stable")[:k]
-        top = [{"label": names[i], "prob": float(probs[i])} for i in order]
-        return {"label": top[0]["label"], "prob": top[0]["prob"], "topk": top}
+        return describe(probs, predictor.task, k)
 
     return app
 
@@ -330,15 +261,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_predictor(cfg: DictConfig):
+def make_predictor(cfg: DictConfig) -> InferenceSession:
     ckpt, onnx = cfg.get("ckpt_path"), cfg.get("model_file")
     if bool(ckpt) == bool(onnx):
         raise UserError("give exactly one of ckpt_path=<best.ckpt> or model=<model.onnx>")
     if onnx:
         if not str(onnx).endswith(".onnx"):
             raise UserError(f"model={onnx} is not an .onnx file. Fix: model=<export run dir>/model.onnx")
-        return OnnxPredictor(str(onnx))
-    return TorchPredictor(str(ckpt), cfg.device)
+        return InferenceSession.from_export(str(onnx))
+    return InferenceSession.from_checkpoint(str(ckpt), device_setting(cfg))
 
 
 class ServerThread:

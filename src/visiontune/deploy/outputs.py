@@ -1,10 +1,12 @@
-"""Predictions as plain values (predict, serve) and the deployable description of a model's heads."""
+"""Predictions as plain values (predict, serve) and the deployable description of a model's heads.
+
+Every task is described the same way (`task_spec`): a multiclass model is one head, `class`."""
 
 from __future__ import annotations
 
 import torch
 
-from visiontune.models.heads import MISSING, Head, head_probabilities, task_heads
+from visiontune.models.heads import MISSING, Head, task_heads
 
 
 # -- after training: predictions as plain values (predict, serve) and the deployable description
@@ -28,11 +30,21 @@ def spec_heads(spec: dict) -> list[Head]:
             for h in spec["heads"]]  # fmt: skip
 
 
-def head_columns(spec: dict, with_target: bool) -> list[str]:
-    """predictions.csv's column group of each head (no prefix for the one head of multilabel)."""
+def top_count(h: Head, topk: int) -> int:
+    """How many ranked labels predictions.csv gives a multiclass head: topk, at most its classes."""
+    return min(int(topk), len(h.classes))
+
+
+def head_columns(spec: dict, with_target: bool, topk: int = 0) -> list[str]:
+    """predictions.csv's column group of each head (no prefix for the one head of multiclass or
+    multilabel): label, prob and the top-k labels and probabilities of a multiclass head; labels,
+    probs of a multilabel one; then target and correct for labelled data."""
     columns = []
     for h in spec_heads(spec):
         names = ["label", "prob"] if h.kind == "multiclass" else ["labels", "probs"]
+        if h.kind == "multiclass":
+            for r in range(1, top_count(h, topk) + 1):
+                names += [f"top{r}_label", f"top{r}_prob"]
         names += ["target", "correct"] if with_target else []
         columns += [f"{h.prefix}{n}" for n in names]
     return columns
@@ -55,14 +67,18 @@ def decide(probs, spec: dict) -> dict:
     return out
 
 
-def prediction_cells(probs, spec: dict, sep: str = "|") -> dict:
-    """The row cells of one image in predictions.csv."""
+def prediction_cells(probs, spec: dict, sep: str = "|", topk: int = 0) -> dict:
+    """The row cells of one image in predictions.csv (`head_columns`)."""
     cells = {}
     decided = decide(probs, spec)
     for h in spec_heads(spec):
         value = decided[h.name]
         if h.kind == "multiclass":
             cells[f"{h.prefix}label"], cells[f"{h.prefix}prob"] = value[0], f"{value[1]:.6f}"
+            p = torch.as_tensor(probs[h.start : h.stop])
+            top_p, top_i = p.topk(top_count(h, topk))
+            for r, (q, i) in enumerate(zip(top_p.tolist(), top_i.tolist(), strict=True), 1):
+                cells[f"{h.prefix}top{r}_label"], cells[f"{h.prefix}top{r}_prob"] = h.classes[i], f"{q:.6f}"
         else:
             cells[f"{h.prefix}labels"] = sep.join(label for label, _ in value)
             cells[f"{h.prefix}probs"] = sep.join(f"{p:.6f}" for _, p in value)
@@ -109,18 +125,3 @@ def describe(probs, spec: dict, topk: int = 5) -> dict:
                 "probs": {h["classes"][i]: p[i] for i in range(len(p))},
             }
     return out[spec["heads"][0]["name"]] if spec["name"] != "multitask" else {"heads": out}
-
-
-def collect_outputs(model, loader) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """(logits (N, total), targets {head: tensor}, dataset indices (N,)) over an `indexed_loader`."""
-    from visiontune.deploy.inference import collect_batches
-
-    logits, targets, indices = collect_batches(model, loader)
-    return logits, {k: torch.cat([t[k] for t in targets]) for k in targets[0]}, indices
-
-
-def deployed_probabilities(logits, spec: dict):
-    """A deployment's logits (numpy, N x outputs) -> each head's probabilities, from preprocess.json's
-    `task` and `temperature` alone."""
-    z = torch.from_numpy(logits).float()
-    return head_probabilities(z, spec_heads(spec["task"]), float(spec.get("temperature", 1.0))).numpy()

@@ -36,8 +36,8 @@ def make_spec(
     output: str,
     backbone: str = "",
 ) -> dict:
-    """The content of preprocess.json. `output` says what the model returns: "probabilities"
-    (softmax(logits / temperature), the temperature already applied) or "logits" (apply it yourself)."""
+    """The content of preprocess.json (the session adds `task`, the heads' slices). `output` says what
+    the model returns: "probabilities" (the temperature already applied) or "logits" (apply it yourself)."""
     if crop_pct >= 1.0:
         resize = {"mode": "exact", "size": [image_size, image_size]}
     else:
@@ -59,9 +59,11 @@ def make_spec(
         "temperature": float(temperature),
         "output": output,
         "output_note": (
-            "softmax(logits / temperature): probabilities, temperature applied"
+            "each head's probabilities (see task): softmax(logits / temperature) for a multiclass head, "
+            "sigmoid(logits) per label of a multilabel head"
             if output == "probabilities"
-            else "raw logits: probabilities are softmax(logits / temperature)"
+            else "raw logits: each head's probabilities (see task) are softmax(logits / temperature) "
+            "for a multiclass head, sigmoid(logits) per label of a multilabel head"
         ),
     }
 
@@ -167,10 +169,3 @@ def preprocess_image(image: Image.Image, spec: dict) -> np.ndarray:
     x = pixels.astype(np.float32) / 255.0
     x = (x - np.asarray(spec["mean"], dtype=np.float32)) / np.asarray(spec["std"], dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)

@@ -14,12 +14,9 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
+from visiontune.models.heads import tempered_softmax as scaled_probs  # softmax(logits / T), float32
+
 ECE_BINS = 15
-
-
-def scaled_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """softmax(logits / temperature): what predict, export and serve report as probabilities."""
-    return (logits.float() / float(temperature)).softmax(-1)
 
 
 def classification_metrics(

@@ -31,7 +31,7 @@ from torch.utils.data import Subset
 
 from visiontune.data.splits import stratified_subset
 from visiontune.data.transforms import eval_geometry, normalise
-from visiontune.deploy.inference import indexed_loader
+from visiontune.deploy.session import InferenceSession, indexed_loader
 from visiontune.errors import UserError
 from visiontune.evaluation.corruptions import CORRUPTIONS, SEVERITIES, corrupt_indexed
 
@@ -59,7 +59,10 @@ def pre_normalised(dataset, datamodule):
 def load_images(dataset, keep: np.ndarray, like) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 images (M, 3, H, W), labels (M,), dataset indices (M,)) of the readable items in `keep`."""
     images, labels, indices = [], [], []
-    for position, x, y in indexed_loader(Subset(dataset, keep.tolist()), like=like):
+    for batch in indexed_loader(Subset(dataset, keep.tolist()), like=like):
+        if batch is None:  # every item of the batch was unreadable
+            continue
+        position, x, y = batch
         images.append(torch.as_tensor(x))
         labels.append(y)
         indices.append(torch.as_tensor(keep)[position])
@@ -80,27 +83,36 @@ def corrupt_split(x: torch.Tensor, indices, name: str, severity: int, seed: int,
     return corrupt_indexed(x[:, :1], indices, name, severity, seed).expand(-1, 3, -1, -1).contiguous()
 
 
-@torch.no_grad()
 def accuracy(
-    model, images, labels, indices, finish, batch_size: int, corruption=None, seed: int = 0
+    session: InferenceSession,
+    images,
+    labels,
+    indices,
+    finish,
+    batch_size: int,
+    corruption=None,
+    seed: int = 0,
 ) -> float:
-    """Top-1 accuracy of `model` on uint8 `images` under (name, severity) `corruption` (None = clean),
-    normalised by `finish`."""
-    device = next(model.parameters()).device
+    """Top-1 accuracy of the session's model on uint8 `images` under (name, severity) `corruption`
+    (None = clean), normalised by `finish`."""
     grey = is_grey(images)
     correct = 0
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
         if corruption is not None:
             x = corrupt_split(x, indices[start : start + batch_size], *corruption, seed, grey)
-        logits = model(finish(x).to(device))
-        correct += int((logits.argmax(1).cpu() == labels[start : start + batch_size]).sum())
+        logits = session.logits(finish(x))
+        correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
     return correct / max(1, len(images))
 
 
-def run_robustness(model, datamodule, subset: int | None, seed: int, run_dir: Path, like=None) -> dict:
-    """Test `model` on a `subset` of the DataModule's test split, clean and under every corruption and
-    severity; write robustness.csv and robustness.png into `run_dir`; return the robust/* metrics."""
+def run_robustness(
+    session: InferenceSession, subset: int | None, seed: int, run_dir: Path, like=None
+) -> dict:
+    """Test a checkpoint's session on a `subset` of its data's test split, clean and under every
+    corruption and severity; write robustness.csv and robustness.png into `run_dir`; return the
+    robust/* metrics."""
+    datamodule = session.datamodule
     datamodule.setup("test")
     test_set = datamodule.test_set
     keep = subset_indices(test_set.labels, subset, seed)
@@ -109,7 +121,7 @@ def run_robustness(model, datamodule, subset: int | None, seed: int, run_dir: Pa
     batch_size = like.batch_size if like is not None else int(datamodule.cfg.get("batch_size") or 64)
 
     def measure(corruption=None) -> float:
-        return accuracy(model, images, labels, indices, finish, batch_size, corruption, seed)
+        return accuracy(session, images, labels, indices, finish, batch_size, corruption, seed)
 
     log.info(
         "robustness: %d test images x %d corruptions x %d severities (robustness_subset=%s)",

@@ -176,10 +176,16 @@ def head_probabilities(logits: torch.Tensor, heads: list[Head], temperature: flo
     """Each head's probabilities side by side, in float32: softmax(logits / T) per multiclass head (T is
     the calibrated temperature), a sigmoid per label of a multilabel head (thresholds, not T, decide there).
 
-    Every command that reports probabilities (the module's predict_step, eval, predict, serve, export,
-    and a deployment's logits through `deploy.outputs.deployed_probabilities`) goes through here."""
+    Everything that reports probabilities goes through here: the module's predict_step, and every
+    command after training through `deploy.session.InferenceSession` (an exported model's logits too)."""
     parts = []
-    for h in heads:
-        z = logits[:, h.start : h.stop].float()
-        parts.append((z / float(temperature)).softmax(-1) if h.kind == "multiclass" else z.sigmoid())
-    return torch.cat(parts, dim=1)
+    for h in heads:  # one head has the whole vector: no slice, no concat (an exported graph stays plain)
+        z = logits if len(heads) == 1 else logits[:, h.start : h.stop]
+        parts.append(tempered_softmax(z, temperature) if h.kind == "multiclass" else z.float().sigmoid())
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def tempered_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T) in float32: a multiclass head's probabilities (`head_probabilities`), and
+    what calibration measures."""
+    return (logits.float() / float(temperature)).softmax(-1)
