@@ -190,12 +190,7 @@ def export(cfg: DictConfig, patch: dict | None = None) -> dict:
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
-    for key in (
-        "max_abs_diff",
-        "model_max_abs_diff",
-        "preprocess_max_abs_diff",
-        "top1_agreement",
-    ):
+    for key in ("max_abs_diff", "model_max_abs_diff", "preprocess_max_abs_diff", "top1_agreement"):
         print(f"{key:>24}: {result[key]:.3g}")
     print(f"exported {final['model']} (+ preprocess.json, export.json)")
     return result

@@ -162,7 +162,7 @@ class InferenceSession:
         self.model = self.exported = self.spec = None
         self.device = torch.device("cpu")
         self.patch: dict = {}
-        self._datamodule = None
+        self._datamodule = self._transform = None
 
     @classmethod
     def from_checkpoint(cls, ckpt_path, device: str = "auto", patch: dict | None = None) -> InferenceSession:
@@ -231,7 +231,9 @@ class InferenceSession:
     @property
     def transform(self):
         """The checkpoint's eval transform (PIL image or uint8 tensor -> normalised float tensor)."""
-        return self.datamodule.eval_transform()
+        if self._transform is None:
+            self._transform = self.datamodule.eval_transform()
+        return self._transform
 
     def labelled_data(self):
         """The DataModule, once its classes are checked against the checkpoint's: by name and order;
