@@ -70,25 +70,67 @@ def test_every_option_composes_and_builds_its_data(group, option, tmp_path):
     assert eval_image.shape == (3, 32, 32)
 
 
+# The groups whose options build on a base: each has conf/<group>/_base.yaml, named the same way everywhere.
+BASED = ("data", "model", "finetune", "optimizer", "scheduler", "augment", "trainer", "logger", "task")
+
+
+def leaves(node: dict, prefix: str = "") -> dict:
+    """A nested mapping as {dotted key: value}."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def own_values(group: str, name: str) -> dict:
+    text = yaml.safe_load((CONF / group / f"{name}.yaml").read_text()) or {}
+    return leaves({k: v for k, v in text.items() if k != "defaults"})
+
+
+def inherited(group: str, name: str) -> dict:
+    """The values of conf/<group>/<name>.yaml with its bases merged under them (strong -> ... -> _base)."""
+    text = yaml.safe_load((CONF / group / f"{name}.yaml").read_text()) or {}
+    values: dict = {}
+    for parent in text.get("defaults", []):
+        values.update(own_values(group, name) if parent == "_self_" else inherited(group, parent))
+    return values or own_values(group, name)
+
+
 def test_option_files_name_their_base_and_say_only_what_differs():
-    """Each option of a group with a base is a diff: `defaults: [<base>, _self_]` and no repeated values."""
-    bases = {"finetune": "full", "data": "_base", "model": "_base", "logger": "_base", "augment": "none"}
-    for group, base in bases.items():
+    """Each option of a group is a diff: `defaults: [<base>, _self_]`, a chain that ends at the group's
+    `_base`, and no value repeated from what it inherits."""
+    for group in BASED:
+        assert (CONF / group / "_base.yaml").is_file(), f"{group} has no _base.yaml"
+        assert "_base" not in GROUPS.get(group, []), group
         for path in sorted((CONF / group).glob("*.yaml")):
-            if path.stem in (base, "_standard", "_base"):
+            if path.stem == "_base":
                 continue
             text = yaml.safe_load(path.read_text()) or {}
-            assert text.get("defaults"), f"{path} names no base"
-            parent = CONF / group / f"{text['defaults'][0]}.yaml"
-            inherited = OmegaConf.to_container(OmegaConf.load(parent))
-            for key, value in text.items():
-                if key != "defaults" and key != "name":
-                    assert inherited.get(key, object()) != value, f"{path}: {key} repeats its base's value"
+            assert text.get("defaults") and text["defaults"][-1] == "_self_", f"{path} names no base"
+            parent, chain = text["defaults"][0], [path.stem]
+            while parent != "_base":  # e.g. strong -> random_erasing -> flip -> _base
+                assert parent not in chain, f"{path}: a loop of bases {chain}"
+                chain.append(parent)
+                parent = yaml.safe_load((CONF / group / f"{parent}.yaml").read_text())["defaults"][0]
+            base = inherited(group, text["defaults"][0])
+            for key, value in own_values(group, path.stem).items():
+                assert base.get(key, object()) != value, f"{path}: {key} repeats the value it inherits"
+
+
+def test_the_bases_leave_the_name_to_their_options():
+    """A base is not an option: its name (where the group has one) is ??? until an option sets it."""
+    for group in ("finetune", "optimizer", "scheduler", "augment", "data", "task"):
+        values = own_values(group, "_base")
+        assert values.get("name", values.get("task.name")) == "???", group
+    assert own_values("trainer", "_base")["accelerator"] == "???"
 
 
 def test_every_key_is_explained_once_where_it_is_defined():
     """A key's comment lives in the file that defines it: no two files of a group carry the same comment."""
-    for group in ("finetune", "data", "model", "logger", "augment", "scheduler"):
+    for group in BASED:
         seen: dict[str, Path] = {}
         for path in sorted((CONF / group).glob("*.yaml")):
             for line in path.read_text().splitlines():

@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from visiontune.cli import CONF_DIR
-from visiontune.config import validate_config, validate_eval_config
+from visiontune.cli import CONF_DIR, run_cli
+from visiontune.config import TrainConfig, all_keys, validate_config, validate_eval_config
 from visiontune.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +72,24 @@ BAD = [
     (["trainer.max_epochs=null"], "trainer.max_epochs", "None"),
     (["trainer.max_epochs=two"], "trainer.max_epochs", "two"),
     (["trainer.devices=0"], "trainer.devices", "0"),
+    # types that no rule covered before the schema; OmegaConf alone would turn 2, 7 and yes into true
+    (["model.pretrained=maybe"], "model.pretrained", "maybe"),
+    (["model.compile=1"], "model.compile", "1"),
+    (["seed=abc"], "seed", "abc"),
+    (["seed=-1"], "seed", "-1"),
+    (["data.strict=2"], "data.strict", "2"),
+    (["data.strict=yes"], "data.strict", "yes"),
+    (["finetune.train_bn=7"], "finetune.train_bn", "7"),
+    (["test=no"], "test", "no"),
+    (["max_cpu_hours=0"], "max_cpu_hours", "0"),
+    (["data.name=svhn"], "data.name", "svhn"),
+    (["augment=flip", "augment.hflip=2"], "augment.hflip", "2"),
+    (["augment=affine", "augment.translate=[a,b]"], "augment.translate", "['a', 'b']"),
+    (["optimizer=adam", "optimizer.betas=[0.9]"], "optimizer.betas", "[0.9]"),
+    (["tune.lr_find=1"], "tune.lr_find", "1"),
+    (["callbacks.checkpoint.mode=up"], "callbacks.checkpoint.mode", "up"),
+    (["logger.csv=on"], "logger.csv", "on"),
+    (["model.head=none"], "model.head", "none"),
 ]
 
 
@@ -84,6 +102,85 @@ def test_a_bad_value_is_one_line_naming_the_key_and_value(overrides, key, value)
     assert "\n" not in message and len(message) < 400
     assert key in message and value in message
     assert "must be" in message or "required" in message or "missing" in message
+
+
+UNKNOWN = [
+    (["+data.foo=1"], "data.foo", "not a key of the schema"),
+    (["+model.head.width=3"], "model.head.width", "not a key of the schema"),
+    (["+seeds=1"], "seeds", "not a key of the schema"),
+    (["+trainer.max_epoch=3"], "trainer.max_epoch", "not a lightning.Trainer argument"),
+    (["+trainer.callbacks=[]"], "trainer.callbacks", "train sets it itself"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key", "why"), UNKNOWN, ids=[" ".join(o) for o, _, _ in UNKNOWN])
+def test_a_key_the_schema_does_not_declare_is_refused(overrides, key, why):
+    with pytest.raises(UserError, match=f"unknown config key {key}: {why}"):
+        validate_config(compose_train(overrides))
+
+
+def leaf_keys(node, prefix=""):
+    for key in node:
+        value = node[key]
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield path
+            yield from leaf_keys(value, f"{path}.")
+        else:
+            yield path
+
+
+def test_every_key_of_every_option_has_a_type_and_a_one_line_doc():
+    """The schema declares each key that an option sets (passthrough mappings such as logger.mlflow and
+    any extra lightning.Trainer argument hold what their library takes), with a doc of one short line."""
+    from omegaconf import OmegaConf
+
+    declared = {k.path: k for k in all_keys(TrainConfig)}
+    for k in declared.values():
+        assert k.doc and "\n" not in k.doc and len(k.doc) <= 100, k.path
+    passthrough = {p for p, k in declared.items() if "dict" in str(k.type)}
+    for group, option in group_options():
+        cfg = OmegaConf.to_container(compose_train([f"{group}={option}"]))
+        for path in leaf_keys(cfg):
+            if path.startswith("trainer.") or any(path.startswith(p + ".") for p in passthrough):
+                continue
+            assert path in declared, f"{group}={option}: {path} has no type and doc in the schema"
+    assert {"model.pretrained", "model.compile", "data.strict", "finetune.train_bn", "seed"} <= set(declared)
+
+
+@pytest.mark.parametrize(
+    "override", ["model.pretrained=maybe", "seed=abc", "data.strict=2", "finetune.train_bn=7"]
+)
+def test_the_train_entry_ends_a_wrong_type_with_one_line_and_exit_2(override, capsys):
+    """In process, through the entry's own run_cli: the message on one line of stderr, exit code 2."""
+    from visiontune.train import train
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(train, compose_train(["experiment=fashion_mnist_lite0", override]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2
+    assert len(lines) == 1 and lines[0].startswith(f"error: invalid config value {override.split('=')[0]}=")
+
+
+def help_text(overrides: list[str]) -> str:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "paths.output_dir=/x"], return_hydra_config=True)
+    return cfg.hydra.help.template
+
+
+def test_help_lists_the_groups_without_the_private_bases_and_the_keys_with_their_docs():
+    text = help_text([])
+    assert "_base" not in text and "_standard" not in text
+    assert "  finetune: freeze_groups, freeze_unfreeze, full*, gradual, linear_probe" in text
+    assert "  optimizer: adam, adamw*, sgd" in text
+    assert "  model.pretrained (bool) = true: load the backbone's pretrained weights" in text
+    assert "  seed (int) = 42: " in text and "  data.strict (bool) = false: " in text
+    assert "augment.jsd" not in text  # a key of another augment option
+    chosen = help_text(["augment=augmix", "seed=7"])
+    assert (
+        "augmix*" in chosen and "  augment.jsd (bool) = false: " in chosen and "  seed (int) = 7: " in chosen
+    )
 
 
 def test_the_message_says_what_is_allowed():
@@ -121,6 +218,9 @@ GOOD = [
     ["finetune=freeze_groups", "finetune.groups=null", "finetune.pattern='blocks\\.[0-3]'"],
     ["optimizer=sgd", "optimizer.lr=1", "scheduler=onecycle"],
     ["model.head.dropout=0.0", "model.label_smoothing=0.1"],
+    ["+trainer.val_check_interval=0.5", "+trainer.limit_train_batches=0.25"],
+    ["callbacks.early_stopping={monitor: val/acc, mode: max, patience: 3}", "logger=mlflow"],
+    ["seed=0", "max_cpu_hours=null", "data.strict=true", "finetune.train_bn=true", "model.pretrained=false"],
 ]
 
 
@@ -186,3 +286,17 @@ def test_the_train_command_exits_2_with_one_line(overrides, key, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_the_help_command_lists_no_private_base(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "visiontune.train", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "== Config groups" in result.stdout and "  data.root (str) = ${paths.data_dir}: " in result.stdout
+    assert "_base" not in result.stdout and "_standard" not in result.stdout
