@@ -162,6 +162,30 @@ def test_the_train_entry_ends_a_wrong_type_with_one_line_and_exit_2(override, ca
     assert len(lines) == 1 and lines[0].startswith(f"error: invalid config value {override.split('=')[0]}=")
 
 
+HYDRA_ERRORS = [
+    ("data.foo=1", "Could not override 'data.foo'. To append to your config use +data.foo=1"),
+    ("data=foo", "Available options in 'data': cifar10, cifar100, csv, fashion_mnist, imagefolder, mnist"),
+    ("optimizer.lr=[1", "no viable alternative at input '[1'"),
+]
+
+
+@pytest.mark.parametrize(("argument", "says"), HYDRA_ERRORS, ids=[a for a, _ in HYDRA_ERRORS])
+def test_hydra_own_errors_are_one_line_and_exit_2(argument, says, monkeypatch, capsys, tmp_path):
+    """Hydra finds these before any task runs; they end like all bad input (the private bases unlisted)."""
+    from visiontune.train import main
+
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["visiontune-train", argument, f"hydra.run.dir={tmp_path}"])
+    try:
+        with pytest.raises(SystemExit) as info:
+            main()
+    finally:
+        GlobalHydra.instance().clear()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and says in lines[0] and "_base" not in lines[0]
+
+
 def help_text(overrides: list[str]) -> str:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -6,10 +6,12 @@ line on stderr that says what is wrong and how to fix it, and exit code 2.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from visiontune.errors import UserError, one_line
 
@@ -87,6 +89,48 @@ def run_cli(task, cfg: DictConfig):
     except RunStopped as exc:
         print(f"stopped: {one_line(exc)}", file=sys.stderr)
         sys.exit(exc.exit_code)
+
+
+def hydra_message(exc: Exception) -> str:
+    """Hydra's message for bad command-line input (an unknown key or option, a malformed override) as
+    one line; the private bases (`_base`, `_standard`) are not offered as options."""
+    head, _, options = str(exc).partition("Available options")
+    message = one_line(head)
+    if options:
+        title, _, names = options.partition(":")
+        lines = names.strip("\n").splitlines()
+        listed = [n.strip() for n in itertools.takewhile(lambda n: n.startswith("\t"), lines)]
+        message += f" Available options{title}: " + ", ".join(n for n in listed if not n.startswith("_"))
+    if isinstance(exc.__cause__, OmegaConfBaseException):
+        message += f" ({one_line(str(exc.__cause__).splitlines()[0])})"
+    return message
+
+
+def one_line_hydra_errors() -> None:
+    """Hydra reports the errors of its own, found before any task runs, in several lines with exit code
+    1. Its reporter is wrapped (once, for every entry point that imports this module) so that these
+    end like all bad input: one line on stderr, exit code 2. Hydra reports every other error as before."""
+    from hydra._internal import utils
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    report = getattr(utils, "run_and_report", None)
+    if report is None or getattr(report, "one_line", False):
+        return
+
+    def run_and_report(func):
+        def checked():
+            try:
+                return func()
+            except (OverrideParseException, ConfigCompositionException) as exc:
+                fail(hydra_message(exc))
+
+        return report(checked)
+
+    run_and_report.one_line = True
+    utils.run_and_report = run_and_report
+
+
+one_line_hydra_errors()
 
 
 def print_summary(metrics: dict, run_dir: Path, keys: tuple[str, ...] = SUMMARY_KEYS) -> None:

@@ -40,7 +40,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from visiontune.data.datamodule import BALANCE, FILE_DATASETS
 from visiontune.data.standard import STANDARD
 from visiontune.data.transforms import PRESETS
-from visiontune.errors import UserError
+from visiontune.errors import UserError, one_line
 from visiontune.models.heads import TASKS, WEIGHTINGS, check_heads
 from visiontune.training.finetune import SCHEDULES as FREEZE_SCHEDULES
 from visiontune.training.module import OPTIMIZERS
@@ -582,7 +582,7 @@ def lookup(cfg: DictConfig, key: str, missing_ok: bool = False):
         raise UserError(f"config value {key} is required: set {key}=<value> on the command line") from None
     except OmegaConfBaseException as exc:
         raise UserError(
-            f"config value {key} cannot be resolved ({' '.join(str(exc).split())[:160]}): set {key}=<value>"
+            f"config value {key} cannot be resolved ({one_line(exc, 160)}): set {key}=<value>"
         ) from None
     return (
         OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
