@@ -176,6 +176,7 @@ class InferenceSession:
         session = cls(str(ckpt_path), task_spec(model.task, model.head.thresholds.cpu()),
                       temperature_of(model.hparams), names)  # fmt: skip
         session.model, session.device, session.patch = model, target, dict(patch or {})
+        session.heads = list(model.heads)  # with their loss weights, which the plain spec does not carry
         return session
 
     @classmethod
