@@ -37,7 +37,8 @@ from typing import Any, Literal, get_args, get_origin
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from visiontune.data.datamodule import BALANCE, FILE_DATASETS
+from visiontune.data.checks import BALANCE, CACHE_MODES
+from visiontune.data.datamodule import FILE_DATASETS
 from visiontune.data.standard import STANDARD
 from visiontune.data.transforms import PRESETS
 from visiontune.errors import UserError, one_line
@@ -197,7 +198,7 @@ class Data:
     strict: bool = key("bad image files are an error instead of a warning")
     allow_class_mismatch: bool = key("eval and resume accept class names that differ from the checkpoint's")
     device_transforms: AutoOrBool = key("resize, augment and normalise whole batches on the device")
-    cache: Literal["none", "memory", "disk"] = key("image files: decode and resize once, into memory or disk")
+    cache: Literal[CACHE_MODES] = key("image files: decode and resize once, into memory or disk")
     cache_dir: str | None = key("where data.cache=disk keeps its arrays (null = <root>/.cache)", check=text)
 
 
