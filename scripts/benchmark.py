@@ -47,7 +47,7 @@ from helpers import compose_cfg  # noqa: E402
 from visiontune import train as train_mod  # noqa: E402
 from visiontune.build import build_datamodule, build_model  # noqa: E402
 from visiontune.data.device import BatchTransform  # noqa: E402
-from visiontune.training.features import attach_feature_cache  # noqa: E402
+from visiontune.training.features import plan_feature_cache  # noqa: E402
 
 BASE = ["experiment=fashion_mnist_lite0", "logger=csv", "callbacks.progress.refresh_rate=0", "seed=0"]
 
@@ -96,13 +96,7 @@ def median_step(starts: list[float], skip: int = 5) -> float:
 
 def run_template(overrides: list[str], out: Path, timer: StepTimer) -> dict:
     """visiontune.train.train(cfg) with `timer` added to its callbacks; returns metrics.json."""
-    cfg = compose_cfg([*BASE, *overrides], out)
-    original = train_mod.build_callbacks
-    train_mod.build_callbacks = lambda c: [*original(c), timer]
-    try:
-        train_mod.train(cfg)
-    finally:
-        train_mod.build_callbacks = original
+    train_mod.train(compose_cfg([*BASE, *overrides], out), callbacks=[timer])
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -344,7 +338,7 @@ def main() -> None:
         dm = build_datamodule(cfg)
         model = build_model(cfg, dm)
         start = time.perf_counter()
-        attach_feature_cache(model, dm, cfg, args.device)
+        plan_feature_cache(model, cfg).build(model, dm, cfg, args.device)
         sizes = {f.name: f.stat().st_size / 2**20 for f in store.glob("*.npy")}
         train_mb = max(sizes.values())  # the training split's file is the largest
         results["g_feature_cache"] = {"train_images": len(dm.train_set), "train_mb": train_mb,

@@ -79,11 +79,17 @@ def test_teacher_with_other_classes_is_refused(tiny_checkpoint):
 
 
 def test_teacher_is_frozen_in_eval_mode_and_not_part_of_the_student(tiny_checkpoint):
-    classes = load_checkpoint(tiny_checkpoint)["hyper_parameters"]["class_names"]
-    teacher = load_teacher(str(tiny_checkpoint), classes, ((0.5,) * 3, (0.5,) * 3), 32)
-    student = load_classifier(tiny_checkpoint)
-    keys = set(student.state_dict())
-    student.set_teacher(teacher, alpha=0.3, temperature=2.0)
+    from visiontune.training.module import ImageClassifier
+
+    hparams = load_checkpoint(tiny_checkpoint)["hyper_parameters"]
+    teacher = load_teacher(str(tiny_checkpoint), hparams["class_names"], ((0.5,) * 3, (0.5,) * 3), 32)
+    keys = set(load_classifier(tiny_checkpoint).state_dict())
+    student = ImageClassifier(
+        **{**hparams, "model": {**hparams["model"], "pretrained": False}},
+        teacher=teacher,
+        distill={"alpha": 0.3, "temperature": 2.0},
+    )
+    assert student.teacher is teacher and student.distill == {"alpha": 0.3, "temperature": 2.0}
     student.train()
     assert not teacher.training and not teacher.model.training
     assert all(not p.requires_grad for p in teacher.parameters())

@@ -236,21 +236,33 @@ def test_a_batched_read_equals_the_per_sample_reads_and_skips_unreadable_rows():
     features[3] = np.nan  # an unreadable image
     cached = FeatureDataset(features, data)
     order = [5, 3, 0, 7, 19]
-    x, y = collate_skip_none(cached.__getitems__(order))
+    batch, y = collate_skip_none(cached.__getitems__(order))
+    assert batch.start is None  # the backbone's output: the features the head reads
+    x = batch.tensor
     one = [cached[i] for i in order if cached[i] is not None]
     assert torch.equal(x, torch.stack([r for r, _ in one])) and y.tolist() == [t for _, t in one]
     assert x.dtype == torch.float32 and len(y) == 4
     assert collate_skip_none(cached.__getitems__([3])) is None  # every image unreadable: a skipped batch
     loader = DataLoader(cached, batch_size=8, collate_fn=collate_skip_none)  # the DataLoader takes this path
     xs, ys = zip(*loader, strict=True)
+    xs = [b.tensor for b in xs]
     assert torch.cat(xs).shape == (19, features.shape[1]) and torch.equal(
         torch.cat(ys), data.labels[[i for i in range(20) if i != 3]]
     )
 
 
+def kind(x) -> str:
+    """What a batch's input is: the cached backbone features, or images."""
+    from visiontune.models.backbones import Activations
+
+    if isinstance(x, Activations):
+        return "features" if x.start is None else f"activations:{x.start}"
+    return f"images:{x.ndim}d"
+
+
 class BatchKinds(__import__("lightning").Callback):
-    """What each epoch's training and validation batches were (2-D cached features or 4-D images),
-    and the head's weights at the end of each training epoch."""
+    """What each epoch's training and validation batches were (cached features or images), the head's
+    weights and the trainer's reload setting at the end of each training epoch."""
 
     def __init__(self):
         self.train, self.val, self.heads, self.top, self.reload = {}, {}, [], [], []
@@ -259,11 +271,11 @@ class BatchKinds(__import__("lightning").Callback):
         self.top.append(list(pl_module.backbone.parameters())[-1].detach().clone())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.train.setdefault(trainer.current_epoch, set()).add(batch[0].ndim)
+        self.train.setdefault(trainer.current_epoch, set()).add(kind(batch[0]))
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if not trainer.sanity_checking:
-            self.val.setdefault(trainer.current_epoch, set()).add(batch[0].ndim)
+            self.val.setdefault(trainer.current_epoch, set()).add(kind(batch[0]))
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.heads.append({k: v.detach().clone() for k, v in pl_module.head.state_dict().items()})
@@ -271,17 +283,15 @@ class BatchKinds(__import__("lightning").Callback):
         self.reload.append(trainer.reload_dataloaders_every_n_epochs)
 
 
-def run_with(cfg, monkeypatch, callback):
-    import visiontune.train as train_mod
+def run_with(cfg, callback):
+    from visiontune.train import train
 
-    original = train_mod.build_callbacks
-    monkeypatch.setattr(train_mod, "build_callbacks", lambda c: [*original(c), callback])
-    train_mod.train(cfg)
+    train(cfg, callbacks=[callback])
 
 
 @pytest.mark.parametrize("strategy", ["freeze_unfreeze", "gradual"])
 def test_the_opening_frozen_epochs_train_on_cached_features_then_the_images_return(
-    tmp_path, monkeypatch, caplog, strategy
+    tmp_path, caplog, strategy
 ):
     """freeze_unfreeze (epoch 0 frozen) and gradual (all groups frozen at epoch 0): epoch 0 reads
     cached features, epoch 1 the images through the unfrozen backbone; epoch 0's head matches the
@@ -300,12 +310,13 @@ def test_the_opening_frozen_epochs_train_on_cached_features_then_the_images_retu
     ]
     cached, live = BatchKinds(), BatchKinds()
     with caplog.at_level(logging.INFO, logger="visiontune"):
-        run_with(compose_cfg(overrides, tmp_path / "cached"), monkeypatch, cached)
+        run_with(compose_cfg(overrides, tmp_path / "cached"), cached)
     assert "epochs 0-0 (backbone frozen) train the head on cached features" in caplog.text
-    assert cached.train == {0: {2}, 1: {4}} and cached.val == {0: {2}, 1: {4}}
+    assert cached.train == {0: {"features"}, 1: {"images:4d"}}
+    assert cached.val == {0: {"features"}, 1: {"images:4d"}}
     assert cached.reload == [1, 0]  # loaders reloaded for the switch, then the trainer's own setting
-    run_with(compose_cfg([*overrides, "finetune.cache_features=false"], tmp_path / "live"), monkeypatch, live)
-    assert live.train == {0: {4}, 1: {4}}
+    run_with(compose_cfg([*overrides, "finetune.cache_features=false"], tmp_path / "live"), live)
+    assert live.train == {0: {"images:4d"}, 1: {"images:4d"}}
     for key, value in live.heads[0].items():
         torch.testing.assert_close(cached.heads[0][key], value, atol=2e-3, rtol=0)
     assert torch.equal(cached.top[0], cached.top[1])  # epoch 0: the top group frozen, bit for bit
@@ -347,23 +358,21 @@ def test_frozen_layers_with_dropout_or_stochastic_depth_are_not_cached(tmp_path)
 
 def test_auto_caches_two_opening_frozen_epochs_but_not_one(tmp_path, caplog):
     from visiontune.build import build_datamodule, build_model
-    from visiontune.training.features import attach_feature_cache
+    from visiontune.training.features import plan_feature_cache
 
-    class Trainer:  # what attach_feature_cache reads of a trainer
-        strategy = __import__("lightning").pytorch.strategies.SingleDeviceStrategy("cpu")
-        reload_dataloaders_every_n_epochs = 0
-
-    for at, cached in ((1, False), (2, True)):
-        cfg = compose_cfg([*FAST, "finetune=freeze_unfreeze", f"finetune.unfreeze_at_epoch={at}",
-                           "trainer.max_epochs=3"], tmp_path / str(at))  # fmt: skip
+    for at in (1, 2):
+        overrides = ["finetune=freeze_unfreeze", f"finetune.unfreeze_at_epoch={at}", "trainer.max_epochs=3"]
+        cfg = compose_cfg([*FAST, *overrides], tmp_path / str(at))
         dm = build_datamodule(cfg)
-        trainer = Trainer()
+        model = build_model(cfg, dm)
         with caplog.at_level(logging.INFO, logger="visiontune"):
-            assert attach_feature_cache(build_model(cfg, dm), dm, cfg, "cpu", trainer) is cached
-        assert (dm.features_until, trainer.reload_dataloaders_every_n_epochs) == (
-            (2, 1) if cached else (0, 0)
-        )
-        assert set(dm.feature_sets) == ({"train_set", "val_set"} if cached else set())
+            cache = plan_feature_cache(model, cfg)
+        if at == 1:
+            assert cache is None
+            continue
+        assert cache.until == 2 and not cache.hard_freeze  # the backbone unfreezes: no hard freeze
+        assert cache.build(model, dm, cfg) and set(cache.features) == {"train_set", "val_set"}
+        assert plan_feature_cache(model, cfg, resumed_epoch=2) is None  # resumed after the unfreeze point
     assert "costs what its one frozen epoch would save" in caplog.text
 
 

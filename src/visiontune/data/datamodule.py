@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -111,11 +112,8 @@ class ImageDataModule(L.LightningDataModule):
         # (train, eval) BatchTransform once enable_device_transforms has turned them on
         self.device_transforms: tuple | None = None
         self.balance = self.cfg.get("balance", "none")
-        # finetune.cache_features for the frozen epochs that open a run (freeze_unfreeze, gradual):
-        # stand-in splits of cached features, served while the trainer's epoch is below `features_until`
-        self.feature_sets: dict[str, Dataset] = {}
-        self.features_until = 0
-        self.reload_setting: int | None = None  # the trainer's own reload_dataloaders_every_n_epochs
+        # what the loaders read in place of a split while it gives a dataset (see serve_instead)
+        self.stand_in: Callable[[str], Dataset | None] | None = None
         if self.task:
             check_task_data(self.task["name"], self.name, self.balance)
         if self.name == "imagefolder" and self.root.is_file():
@@ -358,8 +356,8 @@ class ImageDataModule(L.LightningDataModule):
         return True
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.device_transforms is None or batch is None or batch[0].dtype != torch.uint8:
-            return batch
+        if self.device_transforms is None or batch is None or not _is_uint8(batch[0]):
+            return batch  # (cached activations, visiontune.models.backbones.Activations, pass as they are)
         x, *rest = batch
         trainer = self.trainer
         if trainer is not None and trainer.training:
@@ -412,26 +410,34 @@ class ImageDataModule(L.LightningDataModule):
         weights = 1.0 / np.maximum(self.class_counts(), 1).astype(np.float64)
         return torch.tensor(weights / weights.mean(), dtype=torch.float32)
 
-    def _fit_split(self, part: str) -> Dataset:
-        """The split a fit loop reads now: its cached features during the frozen epochs, else its images."""
-        trainer = self.trainer
-        epoch = trainer.current_epoch if trainer is not None else 0
-        if part in self.feature_sets and epoch < self.features_until:
-            return self.feature_sets[part]
-        if part == "val_set" and self.reload_setting is not None and trainer is not None:
-            # both loaders now serve images (the train loader switched first): stop reloading them
-            trainer.reload_dataloaders_every_n_epochs, self.reload_setting = self.reload_setting, None
-        return getattr(self, part)
+    def serve_instead(self, stand_in: Callable[[str], Dataset | None] | None) -> None:
+        """Have the loaders read `stand_in(part)` in place of a split (train_set, val_set, test_set) whenever
+        it gives a dataset, and the split itself when it gives None; `None`: the splits themselves always.
+
+        The frozen-feature cache (`visiontune.training.features.FeatureCache`) serves its cached
+        activations so, while the layers that produced them are frozen.
+        """
+        self.stand_in = stand_in
+
+    def _served(self, part: str) -> Dataset:
+        """The dataset a loader reads for `part` now: a stand-in's, or the split's own."""
+        served = self.stand_in(part) if self.stand_in is not None else None
+        return served if served is not None else getattr(self, part)
 
     def train_dataloader(self) -> DataLoader:
         weights = None
         if self.balance == "sampler":  # each class drawn equally often, with replacement
             weights = 1.0 / np.maximum(self.class_counts()[self.train_labels()], 1)
         sampler = EpochShuffleSampler(len(self.train_set), self.seed, weights)
-        return self._loader(self._fit_split("train_set"), shuffle=True, sampler=sampler)
+        return self._loader(self._served("train_set"), shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._fit_split("val_set"), shuffle=False)
+        return self._loader(self._served("val_set"), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self._served("test_set"), shuffle=False)
+
+
+def _is_uint8(x) -> bool:
+    """A batch of uint8 images, which the device transforms take (not cached activations)."""
+    return isinstance(x, torch.Tensor) and x.dtype == torch.uint8

@@ -2,6 +2,10 @@
 
 A `Backbone` maps images to `(N, num_features)` and names its layer groups in input -> output
 order. Every fine-tuning strategy and every per-layer learning rate speaks in those groups.
+
+Everything a family of backbones needs is said here, beside the code that builds it: its groups, its
+preprocessing, and (where known) its forward pass as a chain of steps, which lets the frozen-feature
+cache run the frozen bottom once and the rest from its cached output (`Backbone.forward_from`).
 """
 
 from __future__ import annotations
@@ -40,10 +44,56 @@ class Group:
     param_names: list[str]
 
 
-class Backbone(nn.Module):
-    """A feature extractor: `forward(x) -> (N, num_features)`, plus its groups and data config."""
+# A family's forward pass, step by step: `chain(body) -> (steps, tail)`, where `steps` are the
+# (name, module) pairs the body runs in order and `tail` the pooling after them, so that
+# `tail(steps(x)).flatten(1) == body(x).flatten(1)`. Names are relative to the body.
+Chain = Callable[[nn.Module], tuple[list[tuple[str, nn.Module]], Callable[[torch.Tensor], torch.Tensor]]]
 
-    def __init__(self, name: str, body: nn.Module, num_features: int, groups: list[Group], data_config: dict):
+
+class Activations:
+    """A batch of the backbone's own activations, given to the model in place of images.
+
+    `tensor` is the output of the backbone's first `start` steps (see `Backbone.steps`), or of the
+    whole backbone (its features, which the head reads as they are) when `start` is None. The
+    frozen-feature cache (visiontune.training.features) serves its batches so. Lightning moves it to
+    the device like a tensor (`to`), and a pinned-memory loader pins it (`pin_memory`).
+    """
+
+    __slots__ = ("tensor", "start")
+
+    def __init__(self, tensor: torch.Tensor, start: int | None = None):
+        self.tensor, self.start = tensor, start
+
+    def to(self, *args, **kwargs) -> Activations:
+        return Activations(self.tensor.to(*args, **kwargs), self.start)
+
+    def pin_memory(self) -> Activations:
+        return Activations(self.tensor.pin_memory(), self.start)
+
+    def __len__(self) -> int:  # the batch's size, as for a batch of images
+        return len(self.tensor)
+
+    def __repr__(self) -> str:
+        where = "the features" if self.start is None else f"the input of step {self.start}"
+        return f"Activations({tuple(self.tensor.shape)}, {where})"
+
+
+class Backbone(nn.Module):
+    """A feature extractor: `forward(x) -> (N, num_features)`, plus its groups and data config.
+
+    `chain` (None where the family does not say) runs the body step by step: see `steps` and
+    `forward_from`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        body: nn.Module,
+        num_features: int,
+        groups: list[Group],
+        data_config: dict,
+        chain: Chain | None = None,
+    ):
         super().__init__()
         self.name = name
         self.body = body
@@ -51,10 +101,30 @@ class Backbone(nn.Module):
         # Names are stored relative to `body`; expose them relative to the Backbone itself.
         self.groups = [Group(g.name, [f"body.{p}" for p in g.param_names]) for g in groups]
         self.data_config = data_config
+        self.chain = chain  # a module-level function of the body: copies and pickles of the model keep it
         _check_groups(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).flatten(1)
+
+    def steps(self) -> list[tuple[str, nn.Module]]:
+        """The body's forward pass as (name, module) steps run in order (names relative to the body);
+        empty for a family whose forward pass is not known step by step."""
+        return self.chain(self.body)[0] if self.chain is not None else []
+
+    def forward_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The backbone's output, `(N, num_features)`, from the activations `x` after its first `start` steps.
+
+        `forward_from(steps[:start](images), start) == forward(images)`.
+        """
+        if self.chain is None:
+            raise ValueError(f"{self.name}: its forward pass is not known step by step (no chain)")
+        steps, tail = self.chain(self.body)
+        if not 0 <= start <= len(steps):
+            raise ValueError(f"{self.name}: no step {start} (it has {len(steps)})")
+        for _, module in steps[start:]:
+            x = module(x)
+        return tail(x).flatten(1)
 
     def group_parameters(self) -> list[list[tuple[str, nn.Parameter]]]:
         params = dict(self.named_parameters())
@@ -98,12 +168,22 @@ def groups_from_prefixes(model: nn.Module, spec: list[tuple[str, list[str]]]) ->
 # ---------------------------------------------------------------- torchvision
 
 
-def _torchvision_split(name: str, model: nn.Module) -> tuple[nn.Module, int, list[tuple[str, list[str]]]]:
-    """Remove the top of a torchvision model; return (body, num_features, group spec)."""
+def _resnet_chain(body: nn.Module):
+    """torchvision's ResNet step by step: stem, maxpool, the four stages; then pooling (fc is removed)."""
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    return [(n, getattr(body, n)) for n in names], lambda a: body.fc(body.avgpool(a))
+
+
+def _torchvision_split(
+    name: str, model: nn.Module
+) -> tuple[nn.Module, int, list[tuple[str, list[str]]], Chain | None]:
+    """Remove the top of a torchvision model; return (body, num_features, group spec, chain or None)."""
+    chain = None
     if name.startswith("resnet"):
         num_features = model.fc.in_features
         model.fc = nn.Identity()
         spec = [("stem", ["conv1", "bn1"])] + [(f"layer{i}", [f"layer{i}"]) for i in range(1, 5)]
+        chain = _resnet_chain
     elif name.startswith("vgg"):
         # Global average pooling instead of fc6/fc7: 512 features, any input size.
         model.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -139,7 +219,7 @@ def _torchvision_split(name: str, model: nn.Module) -> tuple[nn.Module, int, lis
         spec += [("final", ["encoder.ln"])]
     else:
         raise UserError(f"no layer-group split for torchvision model '{name}'")
-    return model, num_features, spec
+    return model, num_features, spec, chain
 
 
 def _torchvision_data_config(weights) -> dict:
@@ -161,9 +241,9 @@ def _create_torchvision(name: str, pretrained: bool) -> Backbone:
     if pretrained:
         _require_torchvision_weights(name, weights)
     model = models.get_model(name, weights=weights if pretrained else None)
-    body, num_features, spec = _torchvision_split(name, model)
+    body, num_features, spec, chain = _torchvision_split(name, model)
     return Backbone(
-        name, body, num_features, groups_from_prefixes(body, spec), _torchvision_data_config(weights)
+        name, body, num_features, groups_from_prefixes(body, spec), _torchvision_data_config(weights), chain
     )
 
 
@@ -207,6 +287,21 @@ def _timm_groups(model: nn.Module) -> list[Group]:
     return groups
 
 
+def _efficientnet_chain(body: nn.Module):
+    """timm's EfficientNet (EfficientNet-Lite included) step by step: stem conv and norm, each block
+    stage; then the head conv, its norm and the pooling (the classifier is removed)."""
+    steps = [("conv_stem", body.conv_stem), ("bn1", body.bn1)]
+    steps += [(f"blocks.{i}", block) for i, block in enumerate(body.blocks)]
+    return steps, lambda a: body.forward_head(body.bn2(body.conv_head(a)))
+
+
+def _timm_chain(model: nn.Module) -> Chain | None:
+    """The chain of the timm families known step by step (the EfficientNet family), else None."""
+    if all(hasattr(model, n) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
+        return _efficientnet_chain
+    return None
+
+
 def _timm_data_config(model: nn.Module) -> dict:
     import timm.data
 
@@ -234,7 +329,14 @@ def _create_timm(name: str, pretrained: bool) -> Backbone:
             f"repo {hub_id} is not in {HF_HUB_CACHE} and could not be downloaded. Fix: download it there "
             f"(huggingface-cli download {hub_id}), or train from scratch with model.pretrained=false"
         ) from None
-    return Backbone(f"timm:{name}", model, model.num_features, _timm_groups(model), _timm_data_config(model))
+    return Backbone(
+        f"timm:{name}",
+        model,
+        model.num_features,
+        _timm_groups(model),
+        _timm_data_config(model),
+        _timm_chain(model),
+    )
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite (offline)
@@ -287,7 +389,8 @@ def create_lite_classifier(name: str, pretrained: bool) -> nn.Module:
 def _create_lite(name: str, pretrained: bool) -> Backbone:
     model = create_lite_classifier(name, pretrained)
     model.reset_classifier(0)
-    return Backbone(name, model, model.num_features, _timm_groups(model), _timm_data_config(model))
+    groups, data_config = _timm_groups(model), _timm_data_config(model)
+    return Backbone(name, model, model.num_features, groups, data_config, _efficientnet_chain)
 
 
 # ---------------------------------------------------------------- local file

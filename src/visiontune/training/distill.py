@@ -53,8 +53,13 @@ class Teacher(nn.Module):
 
 
 def load_teacher(ckpt_path: str, class_names: list[str], student_norm: tuple, student_size: int) -> Teacher:
-    """The teacher checkpoint as a frozen Teacher; refused unless it knows the run's classes in order."""
-    model = load_classifier(ckpt_path)
+    """The teacher checkpoint as a frozen Teacher; refused unless it knows the run's classes in order.
+
+    Loading draws nothing from the global RNG (the random init it overwrites would), so the student
+    built after it starts from the weights it would have without a teacher.
+    """
+    with torch.random.fork_rng(devices=[]):
+        model = load_classifier(ckpt_path)
     theirs = list(model.hparams.get("class_names") or [])
     if theirs != list(class_names):
         raise UserError(

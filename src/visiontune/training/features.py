@@ -1,15 +1,27 @@
 """The frozen-feature cache (`finetune.cache_features=auto|true|false`).
 
-When the whole backbone stays frozen for the run (finetune=linear_probe) and the images reach it through
-a deterministic transform, its output for an image never changes. It is computed once per split
-(batched, under inference mode, stored as fp16), and the head trains on it: an epoch then costs a few
-matrix products instead of a forward pass through the backbone.
+While layers at the bottom of the backbone are frozen and the images reach them through a
+deterministic transform (or K cached augmented views, `finetune.cache_views`), their output for an
+image never changes. It is computed once per split (batched, under inference mode, stored as fp16),
+and the layers above train on it. Three cases:
+
+- the whole backbone frozen for the whole run (finetune=linear_probe): the backbone's features are
+  cached, and the head trains on them; an epoch costs a few matrix products;
+- the bottom groups frozen for the whole run (finetune=freeze_groups from the first group, on a
+  backbone whose forward pass is known step by step, `Backbone.steps`): the activations after the
+  last frozen step are cached, and the rest of the backbone trains from them (`Backbone.forward_from`);
+- the whole backbone frozen for the opening epochs, then unfrozen (freeze_unfreeze, gradual): the
+  features are cached for those epochs only, and the images return when the backbone unfreezes.
+
+`plan_feature_cache` decides whether the cache is exact for a run; `FeatureCache.build` computes it;
+the `FeatureCache` callback then has the datamodule serve it in place of the images while it holds,
+as `Activations` batches that tell the model what they are.
 
 The cache key covers everything the features depend on: the backbone and a hash of its weights, the
 frozen groups, the transform, and the data (file names, sizes and mtimes, or the in-memory images).
 With `finetune.cache_dir` set, the features are also kept on disk (a memory-mapped .npy beside a JSON
-with its key and shape), so later runs (a sweep's trials) skip the backbone entirely; a file whose key
-or size does not match is rebuilt, and a cache dir that cannot be written falls back to memory.
+with its key and shape), so later runs (a sweep's trials) skip the frozen layers entirely; a file whose
+key or size does not match is rebuilt, and a cache dir that cannot be written falls back to memory.
 """
 
 from __future__ import annotations
@@ -17,14 +29,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 import warnings
 
+import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from visiontune.data.cache import ArrayStore, files_fingerprint
 from visiontune.data.files import Collated, collate_skip_none
+from visiontune.errors import UserError
+from visiontune.models.backbones import Activations
 
 log = logging.getLogger("visiontune")
 CHOICES = ("auto", True, False)
@@ -121,15 +137,19 @@ class _Indexed(Dataset):
 
 
 class FeatureDataset(Dataset):
-    """A split's cached features with the split's own targets, in the split's order.
+    """A split's cached activations with the split's own targets, in the split's order.
+
+    A loader's batches (`__getitems__`) are `(Activations(rows, start), targets)`: the activations that
+    enter the backbone's step `start` (None: its output, the features). A single item is the plain
+    `(row, target)`.
 
     With `views` > 1 the array holds that many augmented passes over the split, one after the other
     (finetune.cache_views): each time a sample is read, one of its views is drawn at random (from the
     global RNG, which the module reseeds every epoch, so runs repeat).
     """
 
-    def __init__(self, features: np.ndarray, base: Dataset, views: int = 1):
-        self.features, self.base, self.views = features, base, views
+    def __init__(self, features: np.ndarray, base: Dataset, views: int = 1, start: int | None = None):
+        self.features, self.base, self.views, self.start = features, base, views, start
         self.n = len(features) // views
 
     def __len__(self) -> int:
@@ -172,48 +192,32 @@ class FeatureDataset(Dataset):
             )
         else:  # task datasets: {head: target} per sample
             targets = default_collate([self.base.target(i) for i in indices])
-        return Collated((rows, targets))
+        return Collated((Activations(rows, self.start), targets))
 
 
 class PrefixSplit:
-    """A backbone cut after its frozen bottom: `prefix(x)` (frozen, cached) and `rest(a)` (trained).
+    """A backbone cut after its frozen bottom: `prefix(x)` (its first `start` steps: frozen, cached) and
+    `rest(a)` (the steps from `start` on: trained), with `rest(prefix(x)) == backbone(x)`.
 
-    `rest(prefix(x)) == backbone(x)`. Known for the timm EfficientNet / MobileNet family (stem, blocks,
-    head conv; EfficientNet-Lite included) and torchvision ResNets; other backbones get no prefix cache.
+    The steps are the backbone's own (`Backbone.steps`): a family whose forward pass is not known step
+    by step gets no prefix cache.
     """
 
-    def __init__(self, backbone, steps: list[tuple[str, torch.nn.Module]], cut: int, tail):
-        self.backbone, self.cut = backbone, cut
-        self.names = [name for name, _ in steps[: cut + 1]]
-        self.prefix = torch.nn.Sequential(*[m for _, m in steps[: cut + 1]])
-        self.later = [m for _, m in steps[cut + 1 :]]
-        self.tail = tail
+    def __init__(self, backbone, start: int):
+        self.backbone, self.start = backbone, start
+        steps = backbone.steps()[:start]
+        self.names = [name for name, _ in steps]
+        self.prefix = torch.nn.Sequential(*[m for _, m in steps])
 
     def rest(self, a: torch.Tensor) -> torch.Tensor:
-        for module in self.later:
-            a = module(a)
-        return self.tail(a).flatten(1)
-
-
-def backbone_steps(backbone) -> tuple[list[tuple[str, torch.nn.Module]], object] | None:
-    """The body's forward as (name, module) steps run in order, and the tail after them; None if unknown."""
-    body = backbone.body
-    if all(hasattr(body, n) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
-        steps = [("conv_stem", body.conv_stem), ("bn1", body.bn1)]
-        steps += [(f"blocks.{i}", block) for i, block in enumerate(body.blocks)]
-        return steps, lambda a: body.forward_head(body.bn2(body.conv_head(a)))
-    if all(hasattr(body, n) for n in ("conv1", "bn1", "relu", "maxpool", "layer4", "avgpool", "fc")):
-        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-        return [(n, getattr(body, n)) for n in names], lambda a: body.fc(body.avgpool(a))
-    return None
+        return self.backbone.forward_from(a, self.start)
 
 
 def prefix_split(backbone, frozen: set[int]) -> PrefixSplit | None:
     """The longest run of steps from the input whose parameters all sit in `frozen` groups (not all steps)."""
-    known = backbone_steps(backbone)
-    if known is None or not frozen:
+    steps = backbone.steps()
+    if not steps or not frozen:
         return None
-    steps, tail = known
     frozen_params = {n for g in frozen for n in backbone.groups[g].param_names}
     cut = -1
     for i, (name, module) in enumerate(steps[:-1]):
@@ -223,7 +227,7 @@ def prefix_split(backbone, frozen: set[int]) -> PrefixSplit | None:
         cut = i
     while cut >= 0 and not any(True for _ in steps[cut][1].parameters()):
         cut -= 1  # end on a layer with weights (a trailing ReLU/pool gains nothing)
-    return PrefixSplit(backbone, steps, cut, tail) if cut >= 0 else None
+    return PrefixSplit(backbone, cut + 1) if cut >= 0 else None
 
 
 def frozen_until(schedule, max_epochs: int | None) -> int | None:
@@ -289,101 +293,170 @@ def cache_applies(model, cfg, distributed: bool = False) -> str | None:
     return None
 
 
-def attach_feature_cache(
-    model, datamodule, cfg, device: torch.device | str = "cpu", trainer=None, resumed_epoch: int = 0
-) -> bool:
-    """Swap the datamodule's splits for cached backbone features where exact; True when it did.
+def plan_feature_cache(model, cfg, resumed_epoch: int = 0) -> FeatureCache | None:
+    """The run's feature cache, to build (`FeatureCache.build`), or None where the run reads images.
 
-    `finetune.cache_features`: auto = wherever exact (logged), true = required (refused with the
-    reason where it is not exact), false = never. The frozen layers run on `device` (the trainer's);
-    under DDP every rank computes the cache for itself (or reads it from `finetune.cache_dir`).
-
-    A schedule that opens with the whole backbone frozen and unfreezes it later (freeze_unfreeze,
-    gradual) gets the cache for those opening epochs only (under auto, from two such epochs or with a
-    cache_dir: one frozen epoch costs what the cache build does): the datamodule serves the cached train and
-    val features while the epoch is below the unfreeze point and the images from then on, and the
-    trainer reloads its loaders at every epoch so that the switch happens (`trainer` is needed). A run
-    resumed from a checkpoint saved at or after the unfreeze point (`resumed_epoch`) needs no cache.
+    `finetune.cache_features`: auto = wherever exact, true = required (refused with the reason where it
+    is not exact), false = never. A schedule that opens with the whole backbone frozen and unfreezes it
+    later (freeze_unfreeze, gradual) gets the cache for those opening epochs only; under auto from two
+    such epochs or with a cache_dir (one frozen epoch costs what the cache build does). A run resumed
+    from a checkpoint saved at or after the unfreeze point (`resumed_epoch`) needs no cache. Whether
+    DDP rules it out is known once the trainer is (see `build`).
     """
-    from lightning.pytorch.strategies import SingleDeviceStrategy
-
-    from visiontune.errors import UserError
-
     setting = cfg.finetune.get("cache_features", "auto")
     if setting is False:
-        return False
-    distributed = trainer is not None and not isinstance(trainer.strategy, SingleDeviceStrategy)
-    why_not = cache_applies(model, cfg, distributed)
+        return None
+    why_not = cache_applies(model, cfg)
     if why_not:
         if setting is True:
             raise UserError(
                 f"finetune.cache_features=true is not exact here: {why_not}. Use cache_features=auto"
             )
-        return False
-    until = frozen_until(model.freeze_schedule, cfg.trainer.get("max_epochs"))
-    if until is not None and (trainer is None or resumed_epoch >= until):
-        return False
+        return None
+    schedule = model.freeze_schedule
+    until = frozen_until(schedule, cfg.trainer.get("max_epochs"))
+    if until is not None and resumed_epoch >= until:
+        return None
     if until == 1 and setting == "auto" and not cfg.finetune.get("cache_dir"):
         log.info("finetune.cache_features=auto: not cached, since building the cache costs what its one frozen "
                  "epoch would save (it pays from two frozen epochs, or with finetune.cache_dir kept for later "
                  "runs; cache_features=true caches anyway)")  # fmt: skip
-        return False
-    datamodule.setup("fit")
-    backbone = model.backbone
-    frozen = model.freeze_schedule.frozen_groups(0)
-    split = None if frozen == set(range(model.freeze_schedule.num_groups)) else prefix_split(backbone, frozen)
-    trunk = backbone if split is None else split.prefix
-    what = "features" if split is None else f"activations after {split.names[-1]}"
-    store = ArrayStore(cfg.finetune.get("cache_dir"), "feature cache")
-    weights = weights_hash(backbone)
-    names = list(schedule_names(model)) + ([f"cut:{split.names[-1]}"] if split else [])
-    for part in ("train_set", "val_set") if until is not None else ("train_set", "val_set", "test_set"):
-        dataset = getattr(datamodule, part)
-        if dataset is None or isinstance(dataset, FeatureDataset) or part in datamodule.feature_sets:
-            continue
-        views = (
-            int(cfg.finetune.get("cache_views") or 1)
-            if part == "train_set" and cfg.augment.name != "none"
-            else 1
-        )
-        key = cache_key(model.hparams.model["backbone"], weights, names + ([f"views:{views}:{cfg.seed}"] if views > 1 else []),
-                        dataset.transform, data_fingerprint(dataset))  # fmt: skip
-        features = store.load(key, np.float16)
-        shape = "x".join(str(d) for d in (features.shape if features is not None else ()))
-        if features is None:
-            home = next(trunk.parameters()).device
-            features = compute_views(trunk.to(device), dataset, int(cfg.data.batch_size), views, cfg.seed)
-            trunk.to(home)
-            store.save(key, features)
-            where = f"stored in {store.root}" if store.root else "in memory"
-            shape = "x".join(str(d) for d in features.shape)
-            log.info("feature cache: %s, %s %s computed (%s)", part[:-4], shape, what, where)
+        return None
+    frozen = schedule.frozen_groups(0)
+    split = None if frozen == set(range(schedule.num_groups)) else prefix_split(model.backbone, frozen)
+    return FeatureCache(setting, split, until)
+
+
+class FeatureCache(L.Callback):
+    """The switch between cached activations and images, as a Lightning callback.
+
+    Made by `plan_feature_cache`, filled by `build`. While the layers it stands in for are frozen, the
+    datamodule's loaders read its `Activations` in place of the images (`ImageDataModule.serve_instead`):
+    for the whole run (`until` None, the test split included) or for the epochs before `until`. For the
+    switch at `until`, the trainer reloads its loaders every epoch until both serve images again, then
+    gets its own `reload_dataloaders_every_n_epochs` back.
+
+    In the whole-run case the cached layers never run in training, so they must be hard-frozen even
+    under DDP: the run's `ApplyFreeze` is told so (`hard_freeze`).
+    """
+
+    def __init__(self, setting, split: PrefixSplit | None, until: int | None):
+        self.setting, self.split, self.until = setting, split, until
+        self.features: dict[str, FeatureDataset] = {}  # empty until built (and where DDP ruled it out)
+        self.seconds = 0.0  # the time `build` took
+        self.datamodule = None
+        self._trainer = None
+        self._user_reload: int | None = None  # the trainer's own reload setting, while it is overridden
+
+    @property
+    def hard_freeze(self) -> bool:
+        """The frozen set never changes and the cached layers never run: no soft freeze (LR 0) for them."""
+        return self.until is None
+
+    def build(
+        self, model, datamodule, cfg, device: torch.device | str = "cpu", distributed: bool = False
+    ) -> bool:
+        """Compute each split's activations (or read them from `finetune.cache_dir`); True when cached.
+
+        The frozen layers run on `device` (the trainer's); under DDP every rank computes the cache for
+        itself (or reads it from the cache dir). The opening-epochs cache is ruled out under DDP (the
+        layers it unfreezes later must take part in every step): refused under cache_features=true,
+        skipped (False) under auto.
+        """
+        if distributed and (why_not := cache_applies(model, cfg, distributed=True)):
+            if self.setting is True:
+                raise UserError(
+                    f"finetune.cache_features=true is not exact here: {why_not}. Use cache_features=auto"
+                )
+            return False
+        begin = time.perf_counter()
+        datamodule.setup("fit")
+        self.datamodule = datamodule
+        split = self.split
+        trunk = model.backbone if split is None else split.prefix
+        what = "features" if split is None else f"activations after {split.names[-1]}"
+        store = ArrayStore(cfg.finetune.get("cache_dir"), "feature cache")
+        weights = weights_hash(model.backbone)
+        names = list(schedule_names(model)) + ([f"cut:{split.names[-1]}"] if split else [])
+        start = None if split is None else split.start
+        augmented_views = int(cfg.finetune.get("cache_views") or 1) if cfg.augment.name != "none" else 1
+        parts = ("train_set", "val_set") if self.until is not None else ("train_set", "val_set", "test_set")
+        for part in parts:
+            dataset = getattr(datamodule, part)
+            if dataset is None:
+                continue
+            views = augmented_views if part == "train_set" else 1
+            drawn = [f"views:{views}:{cfg.seed}"] if views > 1 else []
+            key = cache_key(
+                model.hparams.model["backbone"],
+                weights,
+                names + drawn,
+                dataset.transform,
+                data_fingerprint(dataset),
+            )
+            features = store.load(key, np.float16)
+            if features is None:
+                home = next(trunk.parameters()).device
+                features = compute_views(trunk.to(device), dataset, int(cfg.data.batch_size), views, cfg.seed)
+                trunk.to(home)
+                store.save(key, features)
+                where = f"stored in {store.root}" if store.root else "in memory"
+                log.info("feature cache: %s, %s %s computed (%s)", part[:-4], _shape(features), what, where)
+            else:
+                log.info(
+                    "feature cache: %s, %s %s read from %s", part[:-4], _shape(features), what, store.root
+                )
+            self.features[part] = FeatureDataset(features, dataset, views, start)
+        self.seconds = time.perf_counter() - begin
+        if self.until is not None:
+            log.info("finetune.cache_features=%s: epochs 0-%d (backbone frozen) train the head on cached features; "
+                     "the images return at epoch %d, when the backbone unfreezes", self.setting, self.until - 1,
+                     self.until)  # fmt: skip
+        elif split is None:
+            log.info("finetune.cache_features=%s: the frozen backbone runs once per image; the head trains on its features",
+                     self.setting)  # fmt: skip
         else:
-            log.info("feature cache: %s, %s %s read from %s", part[:-4], shape, what, store.root)
-        if until is None:
-            setattr(datamodule, part, FeatureDataset(features, dataset, views))
-        else:
-            datamodule.feature_sets[part] = FeatureDataset(features, dataset, views)
-    if until is not None:
-        datamodule.features_until = until
-        # reload the loaders every epoch so that they switch to images at `until`; the datamodule puts
-        # the user's setting back once the images are served (see ImageDataModule._fit_split)
-        datamodule.reload_setting = trainer.reload_dataloaders_every_n_epochs
-        trainer.reload_dataloaders_every_n_epochs = 1
-        log.info("finetune.cache_features=%s: epochs 0-%d (backbone frozen) train the head on cached features; "
-                 "the images return at epoch %d, when the backbone unfreezes", setting, until - 1, until)  # fmt: skip
+            log.info("finetune.cache_features=%s: the frozen layers up to %s run once per image; the rest trains on "
+                     "their output", self.setting, split.names[-1])  # fmt: skip
         return True
-    model.set_prefix_split(split)
-    # the frozen set never changes, so the frozen layers are hard-frozen even under DDP: the layers the
-    # cache replaced get no gradient, which a soft freeze (trainable at LR 0) would make DDP wait for
-    model.freeze_schedule.soft_freeze = False
-    if split is None:
-        log.info("finetune.cache_features=%s: the frozen backbone runs once per image; the head trains on its features",
-                 setting)  # fmt: skip
-    else:
-        log.info("finetune.cache_features=%s: the frozen layers up to %s run once per image; the rest trains on "
-                 "their output", setting, split.names[-1])  # fmt: skip
-    return True
+
+    def serve(self, part: str) -> Dataset | None:
+        """What the loaders read for `part` now: its cached activations while they hold, else None (images)."""
+        if self.until is not None and self._trainer is not None and self._trainer.current_epoch >= self.until:
+            return None
+        return self.features.get(part)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.features:
+            return
+        self._trainer = trainer
+        self.datamodule.serve_instead(self.serve)
+        if stage == "fit" and self.until is not None and self._user_reload is None:
+            # reload the loaders every epoch, so that they switch to the images at `until`
+            self._user_reload = trainer.reload_dataloaders_every_n_epochs
+            trainer.reload_dataloaders_every_n_epochs = 1
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # both loaders read images once validation reloads at `until` (the train loader switched first)
+        if (
+            self._user_reload is not None
+            and not trainer.sanity_checking
+            and trainer.current_epoch >= self.until
+        ):
+            self._put_back(trainer)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.features:
+            self.datamodule.serve_instead(None)
+        self._put_back(trainer)
+
+    def _put_back(self, trainer) -> None:
+        if self._user_reload is not None:
+            trainer.reload_dataloaders_every_n_epochs, self._user_reload = self._user_reload, None
+
+
+def _shape(features: np.ndarray) -> str:
+    return "x".join(str(d) for d in features.shape)
 
 
 def schedule_names(model) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visiontune.models.backbones import create_backbone
+from visiontune.models.backbones import Activations, create_backbone
 from visiontune.models.heads import Head, build_head, head_probabilities, resolve_task
 from visiontune.training import tasks
 from visiontune.training.finetune import create_schedule
@@ -98,7 +98,6 @@ class ImageClassifier(L.LightningModule):
         self.mix = mix  # batch-level MixUp/CutMix (multiclass)
         # augment.jsd=true: weight of the AugMix Jensen-Shannon consistency term
         self.jsd_weight = float(jsd_weight)
-        object.__setattr__(self, "prefix_split", None)  # see set_prefix_split
         self.set_teacher(teacher, **(distill or {}))
         # data.balance=loss_weights: inverse class frequencies (mean 1) weight the training loss
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
@@ -125,13 +124,6 @@ class ImageClassifier(L.LightningModule):
         object.__setattr__(self, "teacher", teacher)
         self.distill = {"alpha": float(alpha), "temperature": float(temperature)}
 
-    def set_prefix_split(self, split) -> None:
-        """Inputs are cached activations of the frozen bottom (visiontune.training.features.PrefixSplit), not images.
-
-        Held outside the submodules: the split's modules are the backbone's own, registered once.
-        """
-        object.__setattr__(self, "prefix_split", split)
-
     def on_fit_start(self) -> None:
         if self.teacher is not None:
             self.teacher.to(self.device)
@@ -147,13 +139,28 @@ class ImageClassifier(L.LightningModule):
         # the stored hyperparameters keep their shape, so the checkpoint rebuilds this model
         self.hparams.optim = {**(self.hparams.optim or {}), "optimizer": dict(self.optimizer_cfg)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 2:  # cached backbone features (finetune.cache_features): the head alone
-            return self.head(x)
+    def forward(self, x: torch.Tensor | Activations) -> torch.Tensor:
+        """The logits of a batch of images `(N, C, H, W)`, or of the backbone's own `Activations`.
+
+        Activations (the frozen-feature cache's batches, visiontune.training.features) say where they
+        come from: the backbone's features go to the head as they are, the output of its first steps
+        runs through the rest of it (`Backbone.forward_from`). Anything else is refused.
+        """
+        if isinstance(x, Activations):
+            a = x.tensor.to(self.dtype)  # a precision plugin converts the tensors of a batch, not these
+            if x.start is None:
+                return self.head(a)
+            if self.channels_last and a.ndim == 4:
+                a = a.contiguous(memory_format=torch.channels_last)
+            return self.head(self.backbone.forward_from(a, x.start))
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            what = f"a {x.ndim}-D tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+            raise TypeError(
+                f"ImageClassifier takes images (N, C, H, W) or Activations, not {what}; "
+                "cached features come as Activations"
+            )
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.prefix_split is not None:  # cached activations of the frozen bottom: the rest of it
-            return self.head(self.prefix_split.rest(x))
         return self.head(self.backbone(x))
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:

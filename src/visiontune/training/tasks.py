@@ -222,7 +222,8 @@ class Classification(nn.Module):
         self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
 
     def training_loss(self, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        views = x.shape[1] if x.ndim == 5 else 0  # augment.jsd: (batch, views, C, H, W), view 0 clean
+        # augment.jsd: (batch, views, C, H, W), view 0 clean (cached Activations never hold views)
+        views = x.shape[1] if isinstance(x, torch.Tensor) and x.ndim == 5 else 0
         if views:
             x = x.flatten(0, 1)
         target = y
