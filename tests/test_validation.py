@@ -109,7 +109,7 @@ UNKNOWN = [
     (["+model.head.width=3"], "model.head.width", "not a key of the schema"),
     (["+seeds=1"], "seeds", "not a key of the schema"),
     (["+trainer.max_epoch=3"], "trainer.max_epoch", "not a lightning.Trainer argument"),
-    (["+trainer.callbacks=[]"], "trainer.callbacks", "train sets it itself"),
+    (["+trainer.callbacks=[]"], "trainer.callbacks", "the run sets it itself"),
 ]
 
 

@@ -117,26 +117,20 @@ def dataset(value, cfg) -> str | None:
     return None if value in names else "one of " + ", ".join(names)
 
 
+# the Trainer arguments that the run builder sets itself
+SET_BY_THE_RUN = ("default_root_dir", "callbacks", "logger", "plugins", "enable_progress_bar", "enable_model_summary")  # fmt: skip
+
+
 def trainer_argument(name: str) -> str | None:
     """trainer.<name> beyond the declared keys: any other lightning.Trainer argument passes through."""
     import inspect
 
     import lightning as L
 
-    if name in (
-        "default_root_dir",
-        "callbacks",
-        "logger",
-        "plugins",
-        "enable_progress_bar",
-        "enable_model_summary",
-    ):
-        return "train sets it itself"
-    return (
-        None
-        if name in inspect.signature(L.Trainer.__init__).parameters
-        else "not a lightning.Trainer argument"
-    )
+    if name in SET_BY_THE_RUN:
+        return "the run sets it itself"
+    known = inspect.signature(L.Trainer.__init__).parameters
+    return None if name in known else "not a lightning.Trainer argument"
 
 
 # -- the schema: one dataclass per config group
