@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data train test lint format clean
+.PHONY: setup data train test test-fast lint format clean
 
 setup: $(STAMP) data
 
@@ -38,8 +38,14 @@ format: $(STAMP)
 	$(PY) -m ruff format src tests scripts
 	$(PY) -m ruff check --fix src tests scripts
 
+# The whole suite, in one pytest-xdist worker per core (tests/conftest.py gives each one thread).
+WORKERS ?= auto
 test: setup lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+# The edit loop: every test that neither trains nor runs a command (the `heavy` marker, tests/conftest.py).
+test-fast: setup
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup -m "not slow and not heavy" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -1,14 +1,76 @@
-"""Shared fixtures: Hydra-composed configs for tiny, fast runs."""
+"""Shared fixtures: Hydra-composed configs for tiny, fast runs; how the suite splits over worker processes.
+
+`make test` runs the suite in two pytest-xdist workers (`-n 2`), one per core. Each worker, and every
+command a test starts, then computes with one thread: two workers of two threads each on two cores would
+spin against each other and run several times slower. Tests that start several processes of their own
+(DDP) or depend on timing (signals) run one at a time, in the `serial` group.
+"""
 
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from helpers import TINY, compose_cfg
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:  # before torch is imported, so that the commands a test starts inherit it too
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = "1"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+import functools  # noqa: E402
+import inspect  # noqa: E402
+import re  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import TINY, compose_cfg  # noqa: E402
+
+torch.set_num_threads(1 if WORKER else max(1, min(2, os.cpu_count() or 1)))
+
+# Tests that start processes of their own (DDP ranks) or send signals after a delay: never two at once.
+SERIAL = ("ddp", "signal", "sigusr1")
+# A test is `heavy` (left out of `make test-fast`) when it, or a fixture it uses, trains, fits, runs a
+# command or a sweep, or starts a process: read from the source, so a new test is sorted without a list.
+HEAVY = re.compile(
+    r"(?<![\w.])(train|run|make_run|build_run|sweep|start_run|evaluate|train_tiny_checkpoint|"
+    r"make_fashion_tasks|run_with|getfixturevalue|export\w*|compress\w*|prune\w*)\(|\.fit\(|subprocess\.|Popen\("
+)
+# and these, by name (parameter ids included): big models built at random, large figures, every option
+HEAVY_NAMES = ("vgg16", "vit_b_16", "100_classes", "every_key_of_every_option")
+
+
+@functools.cache
+def trains(function) -> bool:
+    try:
+        return bool(HEAVY.search(inspect.getsource(function)))
+    except (OSError, TypeError):
+        return False
+
+
+def is_heavy(item) -> bool:
+    if trains(getattr(item, "function", None)) or any(word in item.name for word in HEAVY_NAMES):
+        return True
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(trains(d.func) for defs in definitions.values() for d in defs)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if any(word in name.lower() for word in SERIAL):
+            item.add_marker(pytest.mark.xdist_group("serial"))
+        if is_heavy(item):
+            item.add_marker(pytest.mark.heavy)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _read_fashion_mnist_once():
+    """Dozens of tiny runs read Fashion-MNIST: each worker unpacks each gzip file once (read-only arrays)."""
+    from visiontune.data import standard
+
+    read = standard._read_idx
+    cached = functools.lru_cache(maxsize=8)(lambda path, stamp: read(path))
+    standard._read_idx = lambda path: cached(path, (os.stat(path).st_mtime_ns, os.stat(path).st_size))
+    yield
+    standard._read_idx = read
 
 
 @pytest.fixture

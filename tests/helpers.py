@@ -48,16 +48,17 @@ def data_config(size: int = 32, crop_pct: float = 0.875) -> dict:
     }
 
 
+# make_run's data: 4 training steps an epoch, of 8 images each
 DATA = {
     "name": "fashion_mnist",
     "root": "data",
-    "train_subset": 64,
+    "train_subset": 32,
     "val_fraction": 0.1,
-    "val_subset": 32,
-    "test_subset": 32,
+    "val_subset": 16,
+    "test_subset": 16,
     "image_size": 32,
     "crop_pct": 1.0,
-    "batch_size": 16,
+    "batch_size": 8,
     "num_workers": 0,
 }
 
@@ -111,10 +112,22 @@ def changed(before: dict, after: dict, prefix: str = "") -> set[str]:
 FAST = [*TINY, "model.backbone=resnet18", "model.pretrained=false"]
 
 
-def run(module: str, *args: str) -> subprocess.CompletedProcess:
+def run(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repository root, its output captured."""
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+class CrashAt(L.Callback):
+    """Raises RuntimeError(message) as batch `batch` of epoch `epoch` starts: a crash mid-training."""
+
+    def __init__(self, epoch: int = 1, batch: int = 2, message: str = "simulated crash"):
+        self.epoch, self.batch, self.message = epoch, batch, message
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise RuntimeError(self.message)
 
 
 # -- after training (eval report, predict, export, serve): one tiny checkpoint and small image files

@@ -182,7 +182,7 @@ def test_fashion_mnist_subset_sizes():
 # ---------------------------------------------------------------- augment presets and batch mixing
 
 
-AUGMENT_CONFS = sorted((Path(CONF_DIR) / "augment").glob("*.yaml"))
+AUGMENT_CONFS = sorted(p for p in (Path(CONF_DIR) / "augment").glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def test_every_preset_has_a_config():

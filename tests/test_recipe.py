@@ -1,4 +1,5 @@
-"""Training recipe: warmup, clipping, label smoothing, EMA, LR finder, exact resume."""
+"""Training recipe: warmup, clipping, label smoothing, EMA, LR finder, loggers, precision (exact resume:
+test_reliability.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, compose_cfg, make_run, snapshot
+from helpers import make_run, snapshot
 
 from visiontune.train import train
 
@@ -94,8 +95,9 @@ def test_lr_finder_records_its_suggestion_and_plot(tiny_cfg, tmp_path):
         "model.backbone=resnet18",
         "model.pretrained=false",
         "tune.lr_find=true",
-        "tune.num_training=30",
-        "data.train_subset=512",
+        "tune.num_training=30",  # the suggestion skips the first 10 and the last loss
+        "data.train_subset=128",
+        "data.batch_size=4",  # 32 batches for the finder's 30 steps
     )
     train(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -106,36 +108,6 @@ def test_lr_finder_records_its_suggestion_and_plot(tiny_cfg, tmp_path):
 
     model = load_classifier(tmp_path / "checkpoints" / "best.ckpt")
     assert model.hparams.optim["optimizer"]["lr"] == pytest.approx(metrics["lr_find/suggestion"])
-
-
-def test_resume_continues_exactly(tiny_cfg, tmp_path):
-    """2 epochs straight == 1 epoch, then resume from last.ckpt for 1 more (weights and metrics)."""
-    base = [
-        "model.backbone=resnet18",
-        "model.pretrained=false",
-        "scheduler=none",
-        "augment=none",
-        "model.head.dropout=0.3",
-    ]
-    straight_dir, first_dir, resumed_dir = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    train(compose_cfg([*TINY, *base, "trainer.max_epochs=2"], straight_dir))
-    train(compose_cfg([*TINY, *base, "trainer.max_epochs=1"], first_dir))
-    train(
-        compose_cfg(
-            [*TINY, *base, "trainer.max_epochs=2", f"ckpt_path={first_dir / 'checkpoints' / 'last.ckpt'}"],
-            resumed_dir,
-        )
-    )
-    a = torch.load(straight_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    c = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    for key, value in a["state_dict"].items():
-        assert torch.allclose(value.float(), c["state_dict"][key].float(), atol=1e-6), key
-    ma = json.loads((straight_dir / "metrics.json").read_text())
-    mc = json.loads((resumed_dir / "metrics.json").read_text())
-    assert mc["epochs"] == 2
-    assert mc["test/acc"] == pytest.approx(ma["test/acc"]) and mc["test/loss"] == pytest.approx(
-        ma["test/loss"], rel=1e-5
-    )
 
 
 def test_plateau_update_is_reduce_on_plateau_for_a_maximised_metric():
@@ -151,7 +123,12 @@ def test_plateau_scheduler_cuts_the_lr_when_val_acc_stalls(monkeypatch):
     lrs = StepLRs()
     sched = {"name": "plateau", "patience": 0, "factor": 0.5}
     trainer, model, dm, _ = make_run(
-        {"name": "full"}, epochs=3, scheduler=sched, callbacks=[lrs], limit_val_batches=1
+        {"name": "full"},
+        epochs=3,
+        scheduler=sched,
+        callbacks=[lrs],
+        limit_train_batches=1,
+        limit_val_batches=1,
     )
     import visiontune.training.module as module
     from visiontune.training.schedules import plateau_update
@@ -161,7 +138,7 @@ def test_plateau_scheduler_cuts_the_lr_when_val_acc_stalls(monkeypatch):
         module, "plateau_update", lambda best, bad, value, *a: plateau_update(best, bad, 0.3, *a)
     )
     trainer.fit(model, datamodule=dm)
-    per_epoch = [lrs.head_lrs[i * 4] for i in range(3)]
+    per_epoch = lrs.head_lrs  # one step an epoch
     # epoch 0 sets the best; each later stalled epoch halves the LR
     assert per_epoch == pytest.approx([0.05, 0.05, 0.025])
     assert model.plateau_state.tolist() == pytest.approx([0.3, 0.0, 0.25])
@@ -183,29 +160,6 @@ def test_atomic_checkpoint_save_keeps_the_old_file_when_saving_fails(tmp_path, m
         io.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True)["epoch"] == 1
-
-
-class CrashAt(L.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == 1 and batch_idx == 2:
-            raise RuntimeError("simulated crash")
-
-
-def test_a_crash_mid_epoch_leaves_last_ckpt_usable(tmp_path, monkeypatch):
-    import visiontune.train as train_module
-
-    base = [*TINY, "model.backbone=resnet18", "model.pretrained=false", "trainer.max_epochs=2"]
-    real_build = train_module.build_callbacks
-    monkeypatch.setattr(train_module, "build_callbacks", lambda cfg: [*real_build(cfg), CrashAt()])
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(compose_cfg(base, tmp_path / "crashed"))
-    monkeypatch.undo()
-    checkpoints = tmp_path / "crashed" / "checkpoints"
-    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 0
-    assert (checkpoints / "on_exception.ckpt").is_file()
-    assert not list(checkpoints.glob("*.tmp"))
-    train(compose_cfg([*base, f"ckpt_path={checkpoints / 'last.ckpt'}"], tmp_path / "resumed"))
-    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["epochs"] == 2
 
 
 @pytest.mark.parametrize("logger", ["mlflow", "wandb"])
@@ -238,20 +192,10 @@ class Probe(L.Callback):
         )
 
 
-def test_bf16_autocast_and_channels_last_train_on_cpu(tiny_cfg, tmp_path, monkeypatch):
-    import visiontune.train as train_module
-
+def test_bf16_autocast_and_channels_last_train_on_cpu(tiny_cfg, tmp_path):
     probe = Probe()
-    real_build = train_module.build_callbacks
-    monkeypatch.setattr(train_module, "build_callbacks", lambda cfg: [*real_build(cfg), probe])
-    train(
-        tiny_cfg(
-            "model.backbone=resnet18",
-            "model.pretrained=false",
-            "trainer.precision=bf16-mixed",
-            "model.channels_last=true",
-        )
-    )
+    overrides = ["trainer.precision=bf16-mixed", "model.channels_last=true"]
+    train(tiny_cfg("model.backbone=resnet18", "model.pretrained=false", *overrides), callbacks=[probe])
     assert probe.channels_last
     assert probe.dtypes and set(probe.dtypes) == {torch.bfloat16}  # the backbone ran under bf16 autocast
     metrics = json.loads((tmp_path / "metrics.json").read_text())

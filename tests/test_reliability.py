@@ -12,14 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, ROOT, compose_cfg
+from helpers import FAST, ROOT, CrashAt, compose_cfg
 from PIL import Image
 
-import visiontune.train as train_module
 from visiontune.errors import UserError
 from visiontune.train import train
 
@@ -116,37 +114,107 @@ def test_a_signal_saves_a_resumable_checkpoint_and_resume_is_exact(signum, tmp_p
         assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
 
 
-class CrashInEpoch1(L.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == 1 and batch_idx == 2:
-            raise RuntimeError("simulated crash")
-
-
-def test_resume_is_exact_with_loader_worker_processes(tmp_path, monkeypatch):
-    """A loader with workers draws its first indices when its iterator is made, which Lightning does
-    before a resumed run's epoch (and mid-epoch skip) is set: the resumed epoch must still get its own
-    order, from an epoch's end and from the middle of an epoch."""
-    base = [*FAST, "data.num_workers=1", "scheduler=none", "data.device_transforms=false"]
-    train(compose_cfg([*base, "trainer.max_epochs=2"], tmp_path / "straight"))
-    train(compose_cfg([*base, "trainer.max_epochs=1"], tmp_path / "first"))
-    real_build = train_module.build_callbacks
-    monkeypatch.setattr(train_module, "build_callbacks", lambda cfg: [*real_build(cfg), CrashInEpoch1()])
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(compose_cfg([*base, "trainer.max_epochs=2"], tmp_path / "crashed"))
-    monkeypatch.undo()
-    a = ckpt(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
-    for name, start in (("epoch_end", "first/checkpoints/last.ckpt"),
-                        ("mid_epoch", "crashed/checkpoints/on_exception.ckpt")):  # fmt: skip
-        train(compose_cfg([*base, "trainer.max_epochs=2", f"ckpt_path={tmp_path / start}"], tmp_path / name))
-        b = ckpt(tmp_path / name / "checkpoints" / "last.ckpt")["state_dict"]
-        for key, value in a.items():
-            assert torch.allclose(value.float(), b[key].float(), atol=1e-6), (name, key)
-
-
 def test_the_exit_code_of_a_signal_is_128_plus_its_number(tmp_path):
     proc = start_run(tmp_path / "run")
     interrupt_in_epoch_1(proc, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM
+
+
+# ---------------------------------------------------------------- exact resume: one set of runs, many checks
+
+RESUME = [
+    *FAST,
+    "trainer.max_epochs=2",
+    "scheduler=none",  # the LR must not depend on max_epochs: `first` stops after 1 of them
+    "model.head.dropout=0.3",  # the RNG state is part of what a resume restores
+    "data.num_workers=1",  # a loader with a worker process draws its indices early (see ResumeMidEpoch)
+    "data.device_transforms=false",
+]
+
+
+class LogLines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="session")  # not per module: pytest-xdist may interleave other modules' tests
+def resume_runs(tmp_path_factory):
+    """The runs the exact-resume tests compare, trained once (64 images, 4 steps an epoch):
+
+    - straight: 2 epochs in one go;
+    - first: the same, stopped after 1 epoch (max_epochs=1);
+    - crashed: the 2-epoch run, crashing at batch 2 of epoch 1 (its log lines are kept);
+    - epoch_end: first's last.ckpt, resumed to 2 epochs in a new run dir;
+    - mid_epoch: crashed's on_exception.ckpt, resumed to 2 epochs in a new run dir.
+    """
+    root = tmp_path_factory.mktemp("resume")
+    train(compose_cfg(RESUME, root / "straight"))
+    train(compose_cfg([*RESUME, "trainer.max_epochs=1"], root / "first"))
+    lines = LogLines()
+    logger = logging.getLogger("visiontune")
+    logger.addHandler(lines)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(compose_cfg(RESUME, root / "crashed"), callbacks=[CrashAt(epoch=1, batch=2)])
+    finally:
+        logger.removeHandler(lines)
+    (root / "crash.log").write_text("\n".join(lines.lines))
+    for name, start in (("epoch_end", "first/checkpoints/last.ckpt"),
+                        ("mid_epoch", "crashed/checkpoints/on_exception.ckpt")):  # fmt: skip
+        train(compose_cfg([*RESUME, f"ckpt_path={root / start}"], root / name))
+    return root
+
+
+@pytest.mark.xdist_group("resume_runs")  # one worker trains them once
+@pytest.mark.parametrize("resumed", ["epoch_end", "mid_epoch"])
+def test_resume_is_exact_from_an_epoch_end_and_from_the_middle_of_an_epoch(resume_runs, resumed):
+    """A loader with workers draws its first indices when its iterator is made, which Lightning does before
+    a resumed run's epoch (and mid-epoch skip) is set: the resumed epoch must still get its own order."""
+    a = ckpt(resume_runs / "straight" / "checkpoints" / "last.ckpt")
+    b = ckpt(resume_runs / resumed / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 2 * 4
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    ma = json.loads((resume_runs / "straight" / "metrics.json").read_text())
+    mb = json.loads((resume_runs / resumed / "metrics.json").read_text())
+    assert mb["epochs"] == 2
+    assert mb["test/acc"] == pytest.approx(ma["test/acc"]) and mb["test/loss"] == pytest.approx(
+        ma["test/loss"], rel=1e-5
+    )
+
+
+@pytest.mark.xdist_group("resume_runs")  # one worker trains them once
+def test_a_crash_mid_epoch_leaves_last_ckpt_at_the_epoch_end_and_an_exception_checkpoint(resume_runs):
+    checkpoints = resume_runs / "crashed" / "checkpoints"
+    last, first = ckpt(checkpoints / "last.ckpt"), ckpt(resume_runs / "first" / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == 0 and last["global_step"] == first["global_step"] == 4
+    for key, value in first["state_dict"].items():  # the weights of epoch 0's end, as a resume needs them
+        assert torch.equal(value, last["state_dict"][key]), key
+    cut = ckpt(checkpoints / "on_exception.ckpt")
+    assert cut["epoch"] == 1 and cut["global_step"] == 4 + 2  # two batches into epoch 1
+    assert not list(checkpoints.glob("*.tmp"))
+
+
+@pytest.mark.xdist_group("resume_runs")  # one worker trains them once
+def test_a_crash_names_checkpoints_that_exist(resume_runs):
+    named = [
+        w.split("=")[1].rstrip(")")
+        for w in (resume_runs / "crash.log").read_text().split()
+        if w.startswith("ckpt_path=")
+    ]
+    assert len(named) == 2 and all(os.path.isfile(p) for p in named)  # on_exception.ckpt and last.ckpt
+
+
+@pytest.mark.xdist_group("resume_runs")  # one worker trains them once
+def test_throughput_after_resume_counts_only_this_process(resume_runs):
+    metrics = json.loads((resume_runs / "epoch_end" / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["epochs_this_run"] == 1
+    images = metrics["images_per_s"] * metrics["train_time_s"]
+    assert images == pytest.approx(64, rel=0.05)  # one epoch of 64 images, not two
 
 
 # ---------------------------------------------------------------- resume checks
@@ -243,50 +311,14 @@ def test_a_bad_checkpoint_to_resume_is_one_line(content, tmp_path):
 # ---------------------------------------------------------------- setup errors are not crashes
 
 
-class FailFirstBatch(L.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        raise RuntimeError("broken before the first step")
-
-
-def test_an_error_before_the_first_step_writes_no_checkpoint_and_no_resume_advice(
-    tmp_path, monkeypatch, caplog
-):
-    real = train_module.build_callbacks
-    monkeypatch.setattr(train_module, "build_callbacks", lambda cfg: [*real(cfg), FailFirstBatch()])
+def test_an_error_before_the_first_step_writes_no_checkpoint_and_no_resume_advice(tmp_path, caplog):
+    crash = CrashAt(epoch=0, batch=0, message="broken before the first step")
     with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="broken before the first step"):
-        train(compose_cfg(FAST, tmp_path))
+        train(compose_cfg(FAST, tmp_path), callbacks=[crash])
     assert (
         not list((tmp_path / "checkpoints").glob("*.ckpt")) if (tmp_path / "checkpoints").exists() else True
     )
     assert "ckpt_path" not in caplog.text
-
-
-class FailInEpoch1(L.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == 1 and batch_idx == 1:
-            raise RuntimeError("crash in epoch 1")
-
-
-def test_a_crash_names_checkpoints_that_exist(tmp_path, monkeypatch, caplog):
-    real = train_module.build_callbacks
-    monkeypatch.setattr(train_module, "build_callbacks", lambda cfg: [*real(cfg), FailInEpoch1()])
-    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="crash in epoch 1"):
-        train(compose_cfg([*FAST, "trainer.max_epochs=2"], tmp_path))
-    named = [w.split("=")[1].rstrip(")") for w in caplog.text.split() if w.startswith("ckpt_path=")]
-    assert named and all(os.path.isfile(p) for p in named)
-
-
-# ---------------------------------------------------------------- throughput
-
-
-def test_throughput_after_resume_counts_only_this_process(tmp_path):
-    train(compose_cfg([*FAST, "trainer.max_epochs=2"], tmp_path / "a"))
-    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    train(compose_cfg([*FAST, "trainer.max_epochs=3", f"ckpt_path={last}"], tmp_path / "b"))
-    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
-    assert metrics["epochs"] == 3 and metrics["epochs_this_run"] == 1
-    images = metrics["images_per_s"] * metrics["train_time_s"]
-    assert images == pytest.approx(64, rel=0.05)  # one epoch of 64 images, not three
 
 
 # ---------------------------------------------------------------- SLURM pre-emption
