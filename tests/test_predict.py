@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ROOT, compose_cfg, write_images
+from helpers import compose_cfg, run, write_images
 
-from visiontune.build import checkpoint_eval_transform, load_classifier
 from visiontune.data.images import open_image
-from visiontune.deploy.session import InferenceSession
+from visiontune.deploy.session import InferenceSession, checkpoint_datamodule
 from visiontune.errors import UserError
 from visiontune.eval import evaluate
 from visiontune.predict import predict, resolve_inputs
-
-
-def run(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+from visiontune.training.checkpoints import load_classifier
 
 
 def read_rows(path):
@@ -69,7 +61,7 @@ def test_a_folder_with_broken_files_is_predicted_with_error_rows(tiny_checkpoint
 
     # every good image has the label and top-k probabilities of the model itself
     model = load_classifier(tiny_checkpoint)
-    transform = checkpoint_eval_transform(model)
+    transform = checkpoint_datamodule(model).eval_transform()
     names = model.hparams.class_names
     with torch.no_grad():
         probs = model.predict_proba(torch.stack([transform(open_image(p)) for p in good]))

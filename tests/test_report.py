@@ -5,14 +5,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, compose_cfg, write_images
+from helpers import compose_cfg, run, write_images
 
 from visiontune.deploy.inference import check_class_names
 from visiontune.deploy.session import InferenceSession
@@ -201,12 +199,6 @@ def test_calibration_fits_a_temperature_and_writes_a_calibrated_copy(tiny_checkp
     assert again["temperature"] == pytest.approx(metrics["temperature_fitted"])
     assert again["test/nll"] == pytest.approx(metrics["test/nll_after"], rel=1e-5)
     assert again["test/acc"] == metrics["test/acc"]
-
-
-def run(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
 
 
 def test_eval_names_the_classes_that_differ(tiny_checkpoint, tmp_path):
