@@ -14,10 +14,11 @@ from PIL import Image
 from torch import nn
 
 from visiontune import compress as compress_module
-from visiontune.build import checkpoint_datamodule, checkpoint_eval_transform, load_classifier
 from visiontune.cli import run_cli
 from visiontune.compress import CHANNEL_MULTIPLE, compress, finetune, prune_channels, save_pruned
 from visiontune.deploy.preprocess import load_spec, preprocess_image
+from visiontune.deploy.session import checkpoint_datamodule
+from visiontune.training.checkpoints import load_classifier
 
 FIGURES = ("size_mb", "params", "macs", "latency_ms_b1", "latency_ms_b32", "test_acc")
 QUICK = ["latency_runs=5", "test_subset=64"]
@@ -131,7 +132,7 @@ def test_pruned_model_is_narrower_still_trains_and_reloads_identically(which, re
         p % CHANNEL_MULTIPLE == 0 for p, w in zip(pruned, widths, strict=True) if w % CHANNEL_MULTIPLE == 0
     )
     assert model.head[-1].out_features == 10  # the class outputs are never pruned
-    transform = checkpoint_eval_transform(model)
+    transform = checkpoint_datamodule(model).eval_transform()
     images = torch.stack(
         [transform(Image.fromarray(a).convert("RGB")) for a, _ in fashion_mnist_test_images(6)]
     )

@@ -13,11 +13,12 @@ import torch
 from helpers import ROOT, compose_cfg, fashion_mnist_test_images
 from PIL import Image
 
-from visiontune.build import checkpoint_datamodule, checkpoint_eval_transform, load_classifier
 from visiontune.data.transforms import eval_transform
 from visiontune.deploy.preprocess import load_spec, make_spec, preprocess_image
+from visiontune.deploy.session import checkpoint_datamodule
 from visiontune.errors import UserError
 from visiontune.export import export
+from visiontune.training.checkpoints import load_classifier
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -74,7 +75,7 @@ def test_onnx_matches_pytorch_on_images_preprocessed_from_preprocess_json(warm_c
         assert np.abs(got - expected[:n]).max() <= 1e-4
 
     # and the deployer's preprocessing is the training transform's
-    transform = checkpoint_eval_transform(model)
+    transform = checkpoint_datamodule(model).eval_transform()
     trained = torch.stack([transform(image) for image in real_images()]).numpy()
     assert np.abs(trained - batch).max() < 1e-5
 

@@ -14,11 +14,11 @@ import torch
 from helpers import ROOT, fashion_mnist_test_images
 from PIL import Image
 
-from visiontune.build import checkpoint_eval_transform, load_classifier
 from visiontune.deploy.outputs import task_spec
-from visiontune.deploy.session import InferenceSession
+from visiontune.deploy.session import InferenceSession, checkpoint_datamodule
 from visiontune.models.heads import resolve_task
 from visiontune.serve import ServerThread, bind_socket, create_app, rename_model_override
+from visiontune.training.checkpoints import load_classifier
 
 TIMEOUT = httpx.Timeout(60.0)
 
@@ -40,7 +40,7 @@ def server(tiny_checkpoint):
 
 def expected_labels(ckpt, arrays) -> list[str]:
     model = load_classifier(ckpt)
-    transform = checkpoint_eval_transform(model)
+    transform = checkpoint_datamodule(model).eval_transform()
     with torch.no_grad():
         probs = model.predict_proba(
             torch.stack([transform(Image.fromarray(a).convert("RGB")) for a in arrays])
