@@ -119,6 +119,25 @@ def run(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedPr
     )
 
 
+def run_main(main, *args: str) -> int:
+    """A command's entry point in this process, as its console script runs it with `args`; the exit code.
+
+    Bad input needs no new process (importing torch again takes seconds): the test reads stderr with
+    capsys. Every command keeps one test that starts it for real.
+    """
+    GlobalHydra.instance().clear()
+    argv = sys.argv
+    sys.argv = [main.__module__, *args]
+    try:
+        main()
+        return 0
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+
+
 class CrashAt(L.Callback):
     """Raises RuntimeError(message) as batch `batch` of epoch `epoch` starts: a crash mid-training."""
 
