@@ -104,6 +104,12 @@ def test_export_loads_it_and_folds_the_temperature_in(monkeypatch, tmp_path, ima
     probs = session([open_image(p) for p in images])
     expected = np.stack([reference[p.name].numpy() for p in images])
     assert np.abs(probs - expected).max() <= 1e-4
+    # an export written before preprocess.json described the task (no `task`): one multiclass head
+    del spec["task"]
+    (tmp_path / "preprocess.json").write_text(json.dumps(spec))
+    old = InferenceSession.from_export(tmp_path / "model.onnx")
+    assert [(h.kind, h.classes) for h in old.heads] == [("multiclass", tuple(spec["class_names"]))]
+    assert np.abs(old([open_image(p) for p in images]) - expected).max() <= 1e-4
 
 
 def test_serve_loads_it_and_answers_at_its_temperature(tmp_path, images, reference):
