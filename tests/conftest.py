@@ -34,7 +34,7 @@ HEAVY = re.compile(
     r"make_fashion_tasks|run_with|getfixturevalue|export\w*|compress\w*|prune\w*)\(|\.fit\(|subprocess\.|Popen\("
 )
 # and these, by name (parameter ids included): big models built at random, large figures, every option
-HEAVY_NAMES = ("vgg16", "vit_b_16", "100_classes", "every_key_of_every_option")
+HEAVY_NAMES = ("vgg16", "vit_b_16", "100_classes", "every_key_of_every_option", "export", "onnx")
 
 
 @functools.cache
