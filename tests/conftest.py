@@ -1,9 +1,10 @@
 """Shared fixtures: Hydra-composed configs for tiny, fast runs; how the suite splits over worker processes.
 
-`make test` runs the suite in two pytest-xdist workers (`-n 2`), one per core. Each worker, and every
-command a test starts, then computes with one thread: two workers of two threads each on two cores would
-spin against each other and run several times slower. Tests that start several processes of their own
-(DDP) or depend on timing (signals) run one at a time, in the `serial` group.
+`make test` runs the suite in pytest-xdist workers, one per core. Each worker, and every command a test
+starts, then computes with one thread: two workers of two threads each on two cores would spin against
+each other and run several times slower. Tests that start several processes of their own (DDP) or depend
+on timing (signals) run one at a time (`serial`, a file lock). What a session trains once for many tests
+(`shared_run`) is trained by one worker; the others wait for it and read the same files.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import re  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import TINY, compose_cfg  # noqa: E402
+from filelock import FileLock  # noqa: E402
+from helpers import TINY, compose_cfg, session_root, shared_run  # noqa: E402
 
 torch.set_num_threads(1 if WORKER else max(1, min(2, os.cpu_count() or 1)))
 
@@ -56,9 +58,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         name = getattr(item, "originalname", item.name)
         if any(word in name.lower() for word in SERIAL):
-            item.add_marker(pytest.mark.xdist_group("serial"))
+            item.add_marker(pytest.mark.serial)
         if is_heavy(item):
             item.add_marker(pytest.mark.heavy)
+
+
+@pytest.fixture(autouse=True)
+def _one_at_a_time(request, tmp_path_factory):
+    if request.node.get_closest_marker("serial") is None:
+        yield
+        return
+    with FileLock(str(session_root(tmp_path_factory) / "serial.lock")):
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -88,4 +99,4 @@ def tiny_checkpoint(tmp_path_factory):
     """One tiny trained checkpoint (resnet18, 1 epoch) shared by the after-training tests."""
     from helpers import train_tiny_checkpoint
 
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny_run"))
+    return shared_run(tmp_path_factory, "tiny_run", train_tiny_checkpoint) / "checkpoints" / "best.ckpt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,26 @@ def run(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedPr
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+def session_root(tmp_path_factory) -> Path:
+    """The folder every pytest-xdist worker of this session sees (each worker's tmp root is inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_run(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` once per test session, by whichever worker asks first; the folder, for every worker."""
+    from filelock import FileLock
+
+    root = session_root(tmp_path_factory)
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            make(folder)
+            done.touch()
+    return folder
 
 
 def run_main(main, *args: str) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, ROOT, CrashAt, compose_cfg
+from helpers import FAST, ROOT, CrashAt, compose_cfg, shared_run
 from PIL import Image
 
 from visiontune.errors import UserError
@@ -141,9 +141,9 @@ class LogLines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-@pytest.fixture(scope="session")  # not per module: pytest-xdist may interleave other modules' tests
+@pytest.fixture(scope="session")
 def resume_runs(tmp_path_factory):
-    """The runs the exact-resume tests compare, trained once (64 images, 4 steps an epoch):
+    """The runs the exact-resume tests compare, trained once in the session (64 images, 4 steps an epoch):
 
     - straight: 2 epochs in one go;
     - first: the same, stopped after 1 epoch (max_epochs=1);
@@ -151,7 +151,10 @@ def resume_runs(tmp_path_factory):
     - epoch_end: first's last.ckpt, resumed to 2 epochs in a new run dir;
     - mid_epoch: crashed's on_exception.ckpt, resumed to 2 epochs in a new run dir.
     """
-    root = tmp_path_factory.mktemp("resume")
+    return shared_run(tmp_path_factory, "resume", train_resume_runs)
+
+
+def train_resume_runs(root):
     train(compose_cfg(RESUME, root / "straight"))
     train(compose_cfg([*RESUME, "trainer.max_epochs=1"], root / "first"))
     lines = LogLines()
@@ -166,10 +169,8 @@ def resume_runs(tmp_path_factory):
     for name, start in (("epoch_end", "first/checkpoints/last.ckpt"),
                         ("mid_epoch", "crashed/checkpoints/on_exception.ckpt")):  # fmt: skip
         train(compose_cfg([*RESUME, f"ckpt_path={root / start}"], root / name))
-    return root
 
 
-@pytest.mark.xdist_group("resume_runs")  # one worker trains them once
 @pytest.mark.parametrize("resumed", ["epoch_end", "mid_epoch"])
 def test_resume_is_exact_from_an_epoch_end_and_from_the_middle_of_an_epoch(resume_runs, resumed):
     """A loader with workers draws its first indices when its iterator is made, which Lightning does before
@@ -187,7 +188,6 @@ def test_resume_is_exact_from_an_epoch_end_and_from_the_middle_of_an_epoch(resum
     )
 
 
-@pytest.mark.xdist_group("resume_runs")  # one worker trains them once
 def test_a_crash_mid_epoch_leaves_last_ckpt_at_the_epoch_end_and_an_exception_checkpoint(resume_runs):
     checkpoints = resume_runs / "crashed" / "checkpoints"
     last, first = ckpt(checkpoints / "last.ckpt"), ckpt(resume_runs / "first" / "checkpoints" / "last.ckpt")
@@ -199,7 +199,6 @@ def test_a_crash_mid_epoch_leaves_last_ckpt_at_the_epoch_end_and_an_exception_ch
     assert not list(checkpoints.glob("*.tmp"))
 
 
-@pytest.mark.xdist_group("resume_runs")  # one worker trains them once
 def test_a_crash_names_checkpoints_that_exist(resume_runs):
     named = [
         w.split("=")[1].rstrip(")")
@@ -209,7 +208,6 @@ def test_a_crash_names_checkpoints_that_exist(resume_runs):
     assert len(named) == 2 and all(os.path.isfile(p) for p in named)  # on_exception.ckpt and last.ckpt
 
 
-@pytest.mark.xdist_group("resume_runs")  # one worker trains them once
 def test_throughput_after_resume_counts_only_this_process(resume_runs):
     metrics = json.loads((resume_runs / "epoch_end" / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["epochs_this_run"] == 1

@@ -119,6 +119,11 @@ class LastCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("dirpath", self.dirpath) != self.dirpath:
+            return  # a resume into a new run dir: nothing to carry over (Lightning would warn that it cannot)
+        super().load_state_dict(state_dict)
+
 
 INTERRUPTS = {SIGTERMException: signal.SIGTERM, KeyboardInterrupt: signal.SIGINT}
 
