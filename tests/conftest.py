@@ -33,7 +33,7 @@ SERIAL = ("ddp", "signal", "sigusr1")
 # command or a sweep, or starts a process: read from the source, so a new test is sorted without a list.
 HEAVY = re.compile(
     r"(?<![\w.])(train|run|make_run|build_run|sweep|start_run|evaluate|train_tiny_checkpoint|"
-    r"make_fashion_tasks|run_with|getfixturevalue|export\w*|compress\w*|prune\w*)\(|\.fit\(|subprocess\.|Popen\("
+    r"make_fashion_tasks|run_with|shared_run|getfixturevalue|export\w*|compress\w*|prune\w*)\(|\.fit\(|subprocess\.|Popen\("
 )
 # and these, by name (parameter ids included): big models built at random, large figures, every option
 HEAVY_NAMES = ("vgg16", "vit_b_16", "100_classes", "every_key_of_every_option", "export", "onnx")
