@@ -35,8 +35,9 @@ def free_port() -> int:
 
 
 def test_pngs(ckpt: str, n: int) -> list[bytes]:
-    from visiontune.build import checkpoint_datamodule, load_classifier
     from visiontune.deploy.inference import raw_image
+    from visiontune.deploy.session import checkpoint_datamodule
+    from visiontune.training.checkpoints import load_classifier
 
     datamodule = checkpoint_datamodule(load_classifier(ckpt))
     datamodule.setup("test")

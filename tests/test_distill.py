@@ -9,9 +9,8 @@ import pytest
 import torch
 from helpers import FAST, TINY, compose_cfg, run
 
-from visiontune.build import load_classifier
 from visiontune.errors import UserError
-from visiontune.training.checkpoints import load_checkpoint
+from visiontune.training.checkpoints import load_checkpoint, load_classifier
 from visiontune.training.distill import Teacher, load_teacher
 from visiontune.training.losses import distillation_loss, jsd_consistency
 

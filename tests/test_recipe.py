@@ -104,7 +104,7 @@ def test_lr_finder_records_its_suggestion_and_plot(tiny_cfg, tmp_path):
     assert metrics["lr"] == pytest.approx(metrics["lr_find/suggestion"])
     assert (tmp_path / "lr_find.png").is_file()
     # the suggestion is stored where the model reads it, and the checkpoint still rebuilds the model
-    from visiontune.build import load_classifier
+    from visiontune.training.checkpoints import load_classifier
 
     model = load_classifier(tmp_path / "checkpoints" / "best.ckpt")
     assert model.hparams.optim["optimizer"]["lr"] == pytest.approx(metrics["lr_find/suggestion"])

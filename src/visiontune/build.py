@@ -5,8 +5,9 @@ the model with its training extras (teacher, MixUp/CutMix, the AugMix JSD weight
 the frozen-feature cache, the callbacks, the loggers and the Trainer. `train` only fits and tests
 what it returns.
 
-Eval, preview and every command after training (predict, export, serve, ...) rebuild the data and
-the model through the same functions, so a checkpoint is always rebuilt the way it was trained.
+preview builds its data through `build_datamodule`. The commands after training (eval, predict,
+export, serve, compress) open a checkpoint through `visiontune.deploy.session.InferenceSession`, which
+rebuilds the model from the checkpoint's own hyperparameters, the way it was trained.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from omegaconf import DictConfig
 
 from visiontune.cli import plain
 from visiontune.data import ImageDataModule
-from visiontune.data.transforms import batch_mix, eval_transform
+from visiontune.data.transforms import batch_mix
 from visiontune.deploy.inference import check_class_names
 from visiontune.errors import UserError
 from visiontune.models.backbones import backbone_data_config
@@ -42,14 +43,13 @@ from visiontune.training.callbacks import (
     SaveOnInterrupt,
     format_seconds,
 )
-from visiontune.training.checkpoints import AtomicCheckpointIO, load_checkpoint, load_classifier
+from visiontune.training.checkpoints import AtomicCheckpointIO, load_checkpoint
 from visiontune.training.distill import Teacher, load_teacher
 from visiontune.training.features import FeatureCache, plan_feature_cache
 from visiontune.training.finetune import ApplyFreeze
 from visiontune.training.module import ImageClassifier
 
 log = logging.getLogger("visiontune")
-NO_AUGMENT = {"name": "none"}
 
 
 @dataclass
@@ -317,18 +317,6 @@ def forward_seconds_per_image(model, size: int, batch: int = 16, repeats: int = 
     return min(timings) / batch
 
 
-def checkpoint_datamodule(model: ImageClassifier, patch: dict | None = None) -> ImageDataModule:
-    """The data a checkpoint was trained on (with `patch` over its data config), without augmentation."""
-    data = {**model.hparams.data, **(patch or {})}
-    config = backbone_data_config(model.hparams.model["backbone"])
-    return ImageDataModule(data, NO_AUGMENT, config, seed=model.hparams.seed, task=model.hparams.get("task"))
-
-
-def checkpoint_eval_transform(model: ImageClassifier):
-    """The eval transform (PIL image or uint8 tensor -> normalised float tensor) of a trained model."""
-    return checkpoint_datamodule(model).eval_transform()
-
-
 __all__ = [
     "Run",
     "build_callbacks",
@@ -337,8 +325,4 @@ __all__ = [
     "build_model",
     "build_run",
     "build_teacher",
-    "checkpoint_datamodule",
-    "checkpoint_eval_transform",
-    "eval_transform",
-    "load_classifier",
 ]
