@@ -39,6 +39,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from visiontune.data.cache import ArrayStore, files_fingerprint
 from visiontune.data.files import Collated, collate_skip_none
+from visiontune.data.indexed import Indexed
+from visiontune.data.wrapped import WrappedDataset
 from visiontune.errors import UserError
 from visiontune.models.backbones import Activations
 
@@ -85,14 +87,14 @@ def compute_features(trunk: torch.nn.Module, dataset: Dataset, batch_size: int =
     device = next(trunk.parameters()).device
     rows: list[np.ndarray] = []
     loader = DataLoader(
-        _Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_skip_none
+        Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_skip_none
     )
     dim = None
     filled = 0
     for batch in loader:
         if batch is None:
             continue
-        index, x = batch
+        index, x = batch[0], batch[1]  # (index, image, target)
         out = trunk(x.to(device)).float().cpu().numpy().astype(np.float16)
         dim, shape = out.shape[1], out.shape[1:]
         for i, row in zip(index.tolist(), out, strict=True):
@@ -122,21 +124,7 @@ def compute_views(trunk, dataset: Dataset, batch_size: int, views: int, seed: in
     return np.concatenate(passes)
 
 
-class _Indexed(Dataset):
-    """(index, image) pairs, so unreadable samples (None) keep their place."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        item = self.dataset[i]
-        return None if item is None else (i, item[0])
-
-
-class FeatureDataset(Dataset):
+class FeatureDataset(WrappedDataset):
     """A split's cached activations with the split's own targets, in the split's order.
 
     A loader's batches (`__getitems__`) are `(Activations(rows, start), targets)`: the activations that
@@ -154,11 +142,6 @@ class FeatureDataset(Dataset):
 
     def __len__(self) -> int:
         return self.n
-
-    def __getattr__(self, name):  # labels, targets, ... of the image dataset (e.g. data.balance=sampler)
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
 
     def __getitem__(self, i: int):
         view = int(torch.randint(self.views, ())) if self.views > 1 else 0
