@@ -105,7 +105,7 @@ def config_heads(task: dict) -> list[dict]:
 
 
 def check_heads(heads, cfg=None) -> str | None:
-    """What `task.heads` must be, when it is not (validate.py's rule): a list of {name, column, kind, weight}."""
+    """What `task.heads` must be, when it is not (config.py's check of task.heads): a list of {name, column, kind, weight}."""
     if not isinstance(heads, list) or not heads:
         return "a non-empty list of {name, column, kind, weight} (e.g. [{name: digit, column: digit, kind: multiclass, weight: 1.0}])"
     names = []
