@@ -86,11 +86,18 @@ def interrupt_in_epoch_1(proc: subprocess.Popen, signum: int) -> tuple[str, str]
     return "".join(seen) + out, err
 
 
+@pytest.fixture(scope="session")
+def signal_straight(tmp_path_factory):
+    """SIGNAL_RUN uninterrupted, once for both signals."""
+    return shared_run(
+        tmp_path_factory, "signal_straight", lambda folder: train(compose_cfg(SIGNAL_RUN, folder))
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_a_resumable_checkpoint_and_resume_is_exact(signum, tmp_path):
-    straight = tmp_path / "straight"
-    train(compose_cfg(SIGNAL_RUN, straight))
+def test_a_signal_saves_a_resumable_checkpoint_and_resume_is_exact(signum, signal_straight, tmp_path):
+    straight = signal_straight
 
     _, err = interrupt_in_epoch_1(start_run(tmp_path / "cut"), signum)
     proc_lines = [line for line in err.splitlines() if line.startswith("stopped:")]
