@@ -157,8 +157,11 @@ def test_pruned_model_is_narrower_still_trains_and_reloads_identically(which, re
 
 def test_prune_command_writes_a_smaller_model_that_every_command_loads(lite0_checkpoint, tmp_path):
     before = lite0_checkpoint.read_bytes()
+    # This tiny pruned model reaches logits near 40 on real images: there, fp32 alone (PyTorch or ONNX
+    # Runtime, against float64) moves a probability by about 1e-4, and by how much depends on how many
+    # threads trained it. The parity of well-conditioned models at 1e-4 is test_export's.
     cfg = compress_cfg(lite0_checkpoint, tmp_path, "method=prune", "amount=0.3", "finetune_epochs=1",
-                       "finetune_lr=0.001", *QUICK)  # fmt: skip
+                       "finetune_lr=0.001", "tolerance=1e-3", *QUICK)  # fmt: skip
     result = compress(cfg, patch={"train_subset": 64, "val_subset": 32})
     names = {p.name for p in tmp_path.iterdir()}
     assert {"model.onnx", "model.pruned.onnx", "pruned.ckpt", "preprocess.json", "compress.json"} <= names
@@ -176,7 +179,7 @@ def test_prune_command_writes_a_smaller_model_that_every_command_loads(lite0_che
     batch, _ = real_batch(load_spec(tmp_path / "preprocess.json"), n=8)
     with torch.no_grad():
         expected = reloaded(torch.from_numpy(batch)).softmax(-1).numpy()
-    np.testing.assert_allclose(predict(session(tmp_path / "model.pruned.onnx"), batch), expected, atol=1e-4)
+    np.testing.assert_allclose(predict(session(tmp_path / "model.pruned.onnx"), batch), expected, atol=1e-3)
 
 
 # ------------------------------------------------------------------ bad input
@@ -185,7 +188,8 @@ def test_prune_command_writes_a_smaller_model_that_every_command_loads(lite0_che
 @pytest.mark.parametrize(
     "overrides, key",
     [(["method=prune", "amount=1.5"], "amount"), (["method=prune", "amount=0"], "amount"),
-     (["method=fp16"], "method"), (["method=int8", "calib_images=0"], "calib_images")],
+     (["method=fp16"], "method"), (["method=int8", "calib_images=0"], "calib_images"),
+     (["method=int8", "tolerance=0"], "tolerance")],
 )  # fmt: skip
 def test_bad_values_are_one_line_and_exit_2(overrides, key, tiny_checkpoint, tmp_path, capsys):
     before = tiny_checkpoint.read_bytes()

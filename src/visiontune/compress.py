@@ -174,11 +174,11 @@ def measure(paths: dict[str, Path], loader: DataLoader, threads: int, runs: int)
 # ------------------------------------------------------------------ export (export.py's code)
 
 
-def export_onnx(ckpt_path: Path | str, out_dir: Path, patch: dict) -> dict:
+def export_onnx(ckpt_path: Path | str, out_dir: Path, patch: dict, tolerance: float) -> dict:
     """model.onnx and preprocess.json of a checkpoint into out_dir, parity-checked (export.py)."""
     cfg = OmegaConf.create(
         {"ckpt_path": str(ckpt_path), "format": "onnx", "output": "probabilities", "out_dir": str(out_dir),
-         "paths": {"output_dir": str(out_dir)}, "parity_images": 64, "tolerance": 1.0e-4, "opset": None}
+         "paths": {"output_dir": str(out_dir)}, "parity_images": 64, "tolerance": float(tolerance), "opset": None}
     )  # fmt: skip
     result = export(cfg, patch=patch)
     (out_dir / "export.json").unlink(missing_ok=True)  # its figures go into compress.json
@@ -272,7 +272,7 @@ def quantize_int8(
 
 
 def compress_int8(cfg: DictConfig, model: ImageClassifier, datamodule, patch: dict, work: Path) -> dict:
-    export_figures = export_onnx(cfg.ckpt_path, work, patch)
+    export_figures = export_onnx(cfg.ckpt_path, work, patch, cfg.tolerance)
     datamodule.setup("fit")
     indices = calibration_indices(len(datamodule.train_set), int(cfg.calib_images), model.hparams.seed)
     reader = CalibrationReader(datamodule.train_set, indices, "image")
@@ -452,7 +452,7 @@ def save_pruned(model: ImageClassifier, path: Path, pruning: dict) -> None:
 def compress_prune(cfg: DictConfig, model: ImageClassifier, datamodule, patch: dict, work: Path) -> dict:
     size = datamodule.image_size
     fp32_figures = model_figures(model, size)
-    export_figures = export_onnx(cfg.ckpt_path, work, patch)
+    export_figures = export_onnx(cfg.ckpt_path, work, patch, cfg.tolerance)
     prune_channels(model, float(cfg.amount), size)
     log.info(
         "pruned %.0f%% of the channels: %s -> %s parameters",
@@ -472,7 +472,9 @@ def compress_prune(cfg: DictConfig, model: ImageClassifier, datamodule, patch: d
     save_pruned(model, work / "pruned.ckpt", pruning)
     pruned_dir = work / "pruned_export"
     pruned_dir.mkdir()
-    pruned_export = export_onnx(work / "pruned.ckpt", pruned_dir, patch)  # also proves that it reloads
+    pruned_export = export_onnx(
+        work / "pruned.ckpt", pruned_dir, patch, cfg.tolerance
+    )  # also proves that it reloads
     os.replace(pruned_dir / "model.onnx", work / "model.pruned.onnx")
     figures, agreement, n = measure(
         {"fp32": work / "model.onnx", "pruned": work / "model.pruned.onnx"},

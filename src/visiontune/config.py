@@ -786,6 +786,7 @@ class CompressConfig:
     threads: int = key("CPU threads of the latency measurement", ge=1)
     latency_runs: int = key("runs of the latency measurement", ge=1)
     test_subset: int | None = key("test images of the accuracy comparison (null = all)", ge=1)
+    tolerance: float = key("the parity tolerance of each ONNX export it writes (probabilities)", gt=0)
 
 
 def validate_compress_config(cfg) -> list[str]:
