@@ -224,7 +224,7 @@ def test_the_run_dir_may_not_overwrite_the_input(tiny_checkpoint, tmp_path, caps
 def test_a_failed_compression_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     """The exported files exist in the temporary folder when quantization fails: none reach the run dir."""
 
-    def fake_export(ckpt_path, out_dir, patch):
+    def fake_export(ckpt_path, out_dir, patch, tolerance):
         (out_dir / "model.onnx").write_bytes(b"half")
         (out_dir / "preprocess.json").write_text("{}")
         return {}
