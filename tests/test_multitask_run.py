@@ -16,6 +16,7 @@ from helpers import compose_cfg, make_fashion_tasks
 
 from visiontune.deploy import outputs
 from visiontune.deploy.session import InferenceSession
+from visiontune.errors import UserError
 from visiontune.eval import evaluate
 from visiontune.export import export
 from visiontune.predict import predict
@@ -51,7 +52,7 @@ def read_rows(path):
 
 
 @pytest.mark.slow
-def test_a_tiny_multitask_run_trains_resumes_exactly_evaluates_and_predicts(task_data, tmp_path):
+def test_a_tiny_multitask_run_trains_resumes_exactly_evaluates_and_predicts(task_data, tmp_path, monkeypatch):
     straight, first, resumed = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     train(multitask_cfg(task_data, straight, "trainer.max_epochs=2"))
     train(multitask_cfg(task_data, first, "trainer.max_epochs=1"))
@@ -88,6 +89,11 @@ def test_a_tiny_multitask_run_trains_resumes_exactly_evaluates_and_predicts(task
         assert evaluated[key] == pytest.approx(metrics[key], abs=1e-5), key
     rows = read_rows(tmp_path / "eval" / "per_label.csv")
     assert {r["head"] for r in rows} == {"class", "group"} and len(rows) == 10 + 4
+    with monkeypatch.context() as m:  # calibrate=true is multiclass-only: refused before the test pass
+        m.setattr(InferenceSession, "collect", lambda *a, **k: pytest.fail("the test pass ran first"))
+        with pytest.raises(UserError, match="calibrate=true is for multiclass checkpoints"):
+            evaluate(compose_cfg([f"ckpt_path={best}", "calibrate=true"], tmp_path / "eval2", config_name="eval"),
+                     patch={})  # fmt: skip
 
     summary = predict(compose_cfg([f"ckpt_path={best}", "inputs=split:test"], tmp_path / "pred", config_name="predict"),
                       patch={})  # fmt: skip

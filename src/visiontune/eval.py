@@ -51,10 +51,16 @@ def evaluate(cfg: DictConfig, patch: dict | None = None) -> dict:
     validate_eval_config(cfg)
     patch = data_patch(cfg) if patch is None else patch
     session = InferenceSession.from_checkpoint(cfg.ckpt_path, device_setting(cfg), patch)
+    task = session.task["name"]
+    for key in ("calibrate", "robustness"):  # refused before the test pass, not after it
+        if task != "multiclass" and cfg.get(key):
+            raise UserError(
+                f"{key}=true is for multiclass checkpoints; this one is task={task}. Fix: {key}=false"
+            )
     datamodule = session.labelled_data()
     datamodule.setup("test")
     logits, targets, indices = session.collect(datamodule.test_set, like=datamodule.test_dataloader())
-    return REPORTS[session.task["name"]](session, logits, targets, indices, cfg, run_dir)
+    return REPORTS[task](session, logits, targets, indices, cfg, run_dir)
 
 
 def evaluate_classes(session, logits, targets, indices, cfg: DictConfig, run_dir: Path) -> dict:
@@ -152,11 +158,6 @@ def evaluate_heads(session, logits, targets, indices, cfg: DictConfig, run_dir: 
     """A multilabel or multitask checkpoint: the test metrics exactly as its test_step logs them
     (tasks.head_scores, at the checkpoint's thresholds), per_label.csv and report.md."""
     task = session.task["name"]
-    for key in ("calibrate", "robustness"):
-        if cfg.get(key):
-            raise UserError(
-                f"{key}=true is for multiclass checkpoints; this one is task={task}. Fix: {key}=false"
-            )
     heads, thresholds = session.heads, session.model.head.thresholds.cpu()
     metrics = tasks.head_scores(logits, targets, heads, thresholds, "test", per_label=True)
     metrics.update({"test/images": len(logits), "ckpt_path": str(cfg.ckpt_path), "task": task})
