@@ -436,7 +436,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, max_batches: int = BN_BATCHE
 def save_pruned(model: ImageClassifier, path: Path, pruning: dict) -> None:
     """A visiontune checkpoint of the pruned model: weights, hyperparameters and its layer shapes.
 
-    Plain values only (weights_only=True loads it); `build.load_classifier` narrows the model that
+    Plain values only (weights_only=True loads it); `training.checkpoints.load_classifier` narrows the model that
     the hyperparameters describe to `structure` before loading the weights.
     """
     checkpoint = {

@@ -1,8 +1,8 @@
 """The rules of the data settings that the datamodule depends on, each written once.
 
-Config validation runs them before a run starts; the datamodule runs them again only because code
-may build it without that validation (a test, eval from a checkpoint): it calls these same
-functions, so both paths refuse the same values with the same words.
+Config validation (config.py) reads the choices from here (`BALANCE`, `CACHE_MODES`) and checks a
+run's config before it starts; the datamodule calls these functions because code may build it
+without that validation (a test, eval from a checkpoint).
 """
 
 from __future__ import annotations

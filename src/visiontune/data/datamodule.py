@@ -30,7 +30,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from visiontune.data.cache import RANDOM_CROP_PRESETS, cache_decoded
-from visiontune.data.checks import BALANCE as BALANCE  # (config validation reads it here)
 from visiontune.data.checks import check_data, check_task_data
 from visiontune.data.device import DEVICE_PRESETS, BatchTransform, batch_generator
 from visiontune.data.files import (

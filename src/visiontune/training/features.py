@@ -45,7 +45,6 @@ from visiontune.errors import UserError
 from visiontune.models.backbones import Activations
 
 log = logging.getLogger("visiontune")
-CHOICES = ("auto", True, False)
 
 
 def weights_hash(module: torch.nn.Module) -> str:

@@ -31,7 +31,7 @@ import torchmetrics
 from torch import nn
 from torchmetrics.functional.classification import binary_average_precision, multiclass_accuracy
 
-from visiontune.models.heads import DEFAULT_THRESHOLD, MISSING, WEIGHTINGS, Head, task_heads  # noqa: F401
+from visiontune.models.heads import DEFAULT_THRESHOLD, MISSING, Head, task_heads
 from visiontune.training.losses import distillation_loss, jsd_consistency
 
 
