@@ -36,10 +36,9 @@ def free_port() -> int:
 
 def test_pngs(ckpt: str, n: int) -> list[bytes]:
     from visiontune.deploy.inference import raw_image
-    from visiontune.deploy.session import checkpoint_datamodule
-    from visiontune.training.checkpoints import load_classifier
+    from visiontune.deploy.session import InferenceSession
 
-    datamodule = checkpoint_datamodule(load_classifier(ckpt))
+    datamodule = InferenceSession.from_checkpoint(ckpt, device="cpu").datamodule
     datamodule.setup("test")
     bodies = []
     for i in range(min(n, len(datamodule.test_set))):

@@ -38,6 +38,7 @@ from visiontune.sweeper.pruning import trial_callbacks
 from visiontune.training.callbacks import (
     BestCheckpoint,
     LastCheckpoint,
+    ReadCheck,
     ResumeMidEpoch,
     RunClock,
     SaveOnInterrupt,
@@ -90,6 +91,8 @@ def build_run(
             f"model.compile=true with finetune={cfg.finetune.name}: torch.compile does not notice layers "
             "unfrozen later (pytorch #139476). Use finetune=full|linear_probe|freeze_groups or model.compile=false"
         )
+    datamodule.setup("fit")
+    datamodule.check_splits()  # before the feature cache reads them: an empty split is one line
     cache = plan_feature_cache(model, cfg, resumed_epoch)
     if cfg.model.compile:
         model = torch.compile(model)
@@ -113,6 +116,8 @@ def build_run(
         LastCheckpoint(ckpt_dir),
         interrupts,
         ResumeMidEpoch(),
+        # an epoch or the test that reads too few images (files broken mid-run), or an empty split, ends the run
+        ReadCheck(cfg.data.get("min_read_fraction", 0.5), ckpt_dir, test=bool(cfg.get("test"))),
         clock,
         *build_callbacks(cfg),
         *trial_callbacks(cfg),
@@ -290,11 +295,20 @@ def check_cpu_budget(model, datamodule: ImageDataModule, cfg: DictConfig, traine
     log.info("estimated CPU time: %s (%s)", format_seconds(seconds), what)
     limit = cfg.get("max_cpu_hours")
     if limit is not None and seconds / 3600 > float(limit):
+        # advice that keeps the run's data (an experiment= overlay would swap in its own dataset)
+        per_epoch = per_image * ((3 + teacher) * views * train_size + len(datamodule.val_set))
+        test_seconds = per_image * (len(datamodule.test_set) if cfg.get("test") else 0)
+        fit = int((float(limit) * 3600 - test_seconds) // max(per_epoch, 1e-12))
+        fewer = "lower trainer.max_epochs"
+        if max_steps > 0:
+            fewer = "lower trainer.max_steps"
+        elif 1 <= fit < epochs:
+            fewer = f"trainer.max_epochs={fit} fits"
         raise UserError(
             f"this run would take about {seconds / 3600:.1f} h on this CPU ({train_size:,} training images x "
-            f"{epochs} epochs at {size} px), more than max_cpu_hours={limit}. Shorten it "
-            "(experiment=fashion_mnist_lite0, or lower data.train_subset, data.image_size, trainer.max_epochs), "
-            "or allow it with max_cpu_hours=null"
+            f"{epochs} epochs at {size} px), more than max_cpu_hours={limit}. Shorten it on the same data: "
+            f"{fewer}, or lower data.image_size, or train on a seeded part of it (data.train_subset=N); "
+            "or train on a GPU (trainer=gpu); or allow it: max_cpu_hours=<hours>, or max_cpu_hours=null for no limit"
         )
 
 

@@ -7,11 +7,15 @@ line on stderr that says what is wrong and how to fix it, and exit code 2.
 from __future__ import annotations
 
 import itertools
+import logging
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from visiontune.errors import UserError, one_line
 
@@ -27,6 +31,20 @@ SUMMARY_KEYS = (
     "trainable_params",
     "frozen_params",
 )
+# what a command's required key (`???` in its conf/<command>.yaml) takes, for the line that asks for it
+REQUIRED = {
+    "ckpt_path": "<run dir>/checkpoints/best.ckpt",
+    "inputs": "<image, folder, glob, list.txt or split:test>",
+    "method": "int8|prune",
+}
+# Where Hydra sets up a folder before any task runs: (module, function) -> (the folder's local name there,
+# the calls that set it up: create it, open its log, write .hydra/)
+HYDRA_DIR_SETUP = {
+    ("hydra.core.utils", "run_job"): ("output_dir", ("mkdir", "configure_log", "_save_config")),
+    ("hydra._internal.core_plugins.basic_sweeper", "sweep"): ("sweep_dir", ("mkdir",)),
+    ("hydra._internal.core_plugins.basic_launcher", "launch"): ("sweep_dir", ("mkdir",)),
+}
+STARTED = time.time()  # what a run dir written before this process started cannot be newer than
 
 
 def plain(node) -> dict:
@@ -76,11 +94,22 @@ class RunStopped(Exception):
 def run_cli(task, cfg: DictConfig):
     """Run `task(cfg)`; bad input ends with one line on stderr and exit code 2, not a traceback.
 
-    A UserError may carry `details` (e.g. the list of bad files), printed after its line.
+    Before the task: the command's required keys are given, and its run dir (`paths.output_dir`) can be
+    created. While it runs, every checkpoint it loads (to evaluate, serve, resume, distil from) has its
+    stored settings checked by the command line's rules. Bad input leaves no run dir behind that this
+    process made and filled with nothing but Hydra's records (`remove_unused_run_dirs`). A UserError
+    may carry `details` (e.g. the list of bad files), printed after its line.
     """
+    made = None
     try:
+        check_checkpoint_settings_on_load()
+        check_required(cfg.get("task_name") or task.__module__.rpartition(".")[2], cfg)
+        made = make_output_dir(cfg)
         return task(cfg)
-    except UserError as exc:
+    except (UserError, MissingMandatoryValue) as exc:
+        remove_unused_run_dirs(made)
+        if isinstance(exc, MissingMandatoryValue):  # a required value that the checks did not name
+            fail(f"config value {exc.full_key} is required: set {exc.full_key}=<value> on the command line")
         details = getattr(exc, "details", None)
         if details:
             print(f"error: {one_line(exc)}\n{details}", file=sys.stderr)
@@ -89,6 +118,125 @@ def run_cli(task, cfg: DictConfig):
     except RunStopped as exc:
         print(f"stopped: {one_line(exc)}", file=sys.stderr)
         sys.exit(exc.exit_code)
+
+
+def check_checkpoint_settings_on_load() -> None:
+    """Have every checkpoint load check the settings it stores against the schema, as the command line's
+    own values are (`config.check_checkpoint_settings`, called by `training.checkpoints.load_checkpoint`)."""
+    from visiontune.config import check_checkpoint_settings
+    from visiontune.training.checkpoints import SETTINGS_CHECKS
+
+    if check_checkpoint_settings not in SETTINGS_CHECKS:
+        SETTINGS_CHECKS.append(check_checkpoint_settings)
+
+
+def check_required(command: str, cfg: DictConfig) -> None:
+    """The command's required top-level keys (`???` in its YAML) are given, or one line asks for them."""
+    missing = [k for k in cfg if isinstance(k, str) and OmegaConf.is_missing(cfg, k)]
+    if missing:
+        wanted = " ".join(f"{k}={REQUIRED.get(k, '<value>')}" for k in missing)
+        raise UserError(f"{command} needs {wanted}")
+
+
+def make_output_dir(cfg: DictConfig) -> Path | None:
+    """Create the run dir `paths.output_dir` before the task runs, or say in one line why it cannot be.
+
+    Returns the topmost folder this created (None when it was there already), which bad input removes
+    again while it holds no file.
+    """
+    try:
+        path = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    except OmegaConfBaseException:  # outside a Hydra run: the command's checks report it
+        return None
+    if not path:
+        return None
+    run_dir = Path(str(path)).expanduser().absolute()
+    made = next((p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()), None)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        remove_if_empty(made)  # the parents it made before it failed
+        raise UserError(
+            f"cannot create the run dir {run_dir} ({exc.strerror or exc}). "
+            "Fix: paths.output_dir=<a writable folder> (or hydra.run.dir=...)"
+        ) from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UserError(f"the run dir {run_dir} is not writable. Fix: paths.output_dir=<a writable folder>")
+    return made
+
+
+def remove_unused_run_dirs(made: Path | None) -> None:
+    """After bad input: remove Hydra's run dir when it holds nothing but what this process's Hydra wrote
+    into it (`.hydra/` and an empty log), and the folder `make_output_dir` made while it holds no file.
+
+    A run dir that held anything else (an earlier run's checkpoints or logs, a resume) is never touched,
+    nor is a sweep's job dir (the sweep records its failed trials there).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    single = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir) if single else None
+    if hydra_dir is not None and only_hydra_records(hydra_dir):
+        close_logs_in(hydra_dir)
+        shutil.rmtree(hydra_dir, ignore_errors=True)
+    remove_if_empty(made)
+
+
+def remove_if_empty(folder: Path | None) -> None:
+    """Remove a folder this process made, unless a file has come into it since."""
+    if folder is not None and folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def only_hydra_records(run_dir: Path) -> bool:
+    """Whether run_dir holds only `.hydra/` (files this process wrote) and empty `*.log` files."""
+    try:
+        for entry in run_dir.iterdir():
+            if entry.name == ".hydra" and entry.is_dir() and not entry.is_symlink():
+                records = list(entry.iterdir())
+                if not all(r.is_file() and r.stat().st_mtime >= STARTED - 2 for r in records):
+                    return False
+            elif not (entry.suffix == ".log" and entry.is_file() and entry.stat().st_size == 0):
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def close_logs_in(folder: Path) -> None:
+    """Close and detach the logging file handlers (Hydra's job log) that write into `folder`."""
+    for handler in list(logging.root.handlers):
+        name = getattr(handler, "baseFilename", None)
+        if name and Path(name).parent == folder:
+            logging.root.removeHandler(handler)
+            handler.close()
+
+
+def run_dir_problem(exc: BaseException) -> str | None:
+    """The one line for Hydra failing to set up a run or sweep dir (create it, open its log, write
+    `.hydra/`); None for any other error.
+
+    Hydra does that before the task runs, in the functions and calls of `HYDRA_DIR_SETUP`; an error of
+    the task (or of a callback) passes through those functions too, but from another call.
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        setup = HYDRA_DIR_SETUP.get((frame.f_globals.get("__name__"), frame.f_code.co_name))
+        if setup is not None:
+            name, calls = setup
+            if tb.tb_next is None or tb.tb_next.tb_frame.f_code.co_name not in calls:
+                return None
+            cause = next((e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, OSError)), None)
+            if cause is None:
+                return None
+            folder = Path(str(frame.f_locals.get(name) or cause.filename)).absolute()
+            key = frame.f_locals.get("job_dir_key") or "hydra.sweep.dir"
+            what = "run" if key == "hydra.run.dir" else "sweep"
+            return f"cannot create the {what} dir {folder} ({cause.strerror or cause}). Fix: {key}=<a writable folder>"
+        tb = tb.tb_next
+    return None
 
 
 def hydra_message(exc: Exception) -> str:
@@ -106,10 +254,29 @@ def hydra_message(exc: Exception) -> str:
     return message
 
 
+# Hydra options that come from an optional package: when Hydra cannot find or load one, say how to get it
+PLUGIN_OPTIONS = {
+    "hydra/launcher/joblib": "the joblib launcher (hydra-joblib-launcher)",
+    "hydra/launcher/submitit_slurm": "the SLURM launcher (hydra-submitit-launcher)",
+    "hydra/launcher/submitit_local": "the submitit launcher (hydra-submitit-launcher)",
+}
+
+
+def plugin_advice(exc: Exception) -> str | None:
+    """The one line for a launcher whose package is not installed (Hydra: "Could not load/find
+    'hydra/launcher/joblib'"), None for any other error."""
+    text = str(exc)
+    for option, what in PLUGIN_OPTIONS.items():
+        if f"Could not load '{option}'" in text or f"Could not find '{option}'" in text:
+            return f"{what} is not installed: pip install 'visiontune[sweep]'"
+    return None
+
+
 def one_line_hydra_errors() -> None:
     """Hydra reports the errors of its own, found before any task runs, in several lines with exit code
     1. Its reporter is wrapped (once, for every entry point that imports this module) so that these
-    end like all bad input: one line on stderr, exit code 2. Hydra reports every other error as before."""
+    end like all bad input: one line on stderr, exit code 2. So does a run dir that Hydra cannot create
+    (`run_dir_problem`). Hydra reports every other error as before."""
     from hydra._internal import utils
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
@@ -122,7 +289,12 @@ def one_line_hydra_errors() -> None:
             try:
                 return func()
             except (OverrideParseException, ConfigCompositionException) as exc:
-                fail(hydra_message(exc))
+                fail(plugin_advice(exc) or hydra_message(exc))
+            except Exception as exc:
+                problem = run_dir_problem(exc)
+                if problem is None:
+                    raise
+                fail(problem)
 
         return report(checked)
 

@@ -22,8 +22,9 @@ MACs, CPU latency per image at batch 1 and 32 (ONNX Runtime with `threads` intra
 median of `latency_runs`), test accuracy, plus the top-1 agreement of the two on the test split.
 Both models run in the same runtime, ONNX Runtime, so the figures compare.
 
-Everything is written into a temporary folder inside the run dir and moved into place at the end
-(compress.json last): a failure leaves no half-written file, and the input checkpoint is only read.
+Everything is written into a temporary folder inside the run dir (`.compress-*.<pid>@<host>.tmp`) and
+moved into place at the end (compress.json last): a failure leaves no half-written file, and the input
+checkpoint is only read. The folder of a compress that was killed is removed by the next one.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from torch.utils.data import DataLoader, Subset
 
 from visiontune.cli import CONF_DIR, data_patch, plain, run_cli
 from visiontune.config import validate_compress_config
+from visiontune.data.temporaries import owner_tag, remove_stale
 from visiontune.deploy.inference import quiet_warnings
 from visiontune.deploy.session import InferenceSession, device_setting, indexed_loader, open_onnx, pick_device
 from visiontune.errors import UserError
@@ -57,7 +59,6 @@ from visiontune.export import export, parity_indices
 from visiontune.models.structure import describe_structure
 from visiontune.training.callbacks import RunClock
 from visiontune.training.checkpoints import save_atomic
-from visiontune.training.finetune import create_schedule
 from visiontune.training.module import ImageClassifier
 
 log = logging.getLogger("visiontune")
@@ -356,7 +357,7 @@ def prune_channels(model: ImageClassifier, amount: float, image_size: int) -> Im
             f"torch-pruning cannot prune backbone {model.hparams.model['backbone']}: "
             f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
         ) from None
-    model.backbone.num_features = linears[0].in_features  # what the backbone now hands the head
+    model.fit_head_to_backbone()
     return model
 
 
@@ -378,11 +379,7 @@ def finetune(
     """
     if lr is not None:
         model.lr = float(lr)  # the head LR; the backbone's follow from it as in training
-    schedule = model.freeze_schedule
-    model.freeze_schedule = create_schedule(
-        {"name": "full", "backbone_lr_mult": schedule.backbone_lr_mult, "layer_decay": schedule.layer_decay},
-        schedule.group_names,
-    )
+    model.train_every_layer()
     L.seed_everything(model.hparams.seed, verbose=False)
     trainer = L.Trainer(
         **trainer_cfg,
@@ -548,7 +545,8 @@ def compress(cfg: DictConfig, patch: dict | None = None) -> dict:
     import onnxruntime
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".compress-", dir=run_dir))
+    remove_stale(run_dir, [".compress-*"], "compress")
+    work = Path(tempfile.mkdtemp(prefix=".compress-", suffix=owner_tag(), dir=run_dir))
     try:
         figures = METHODS[method](cfg, model, datamodule, patch, work)
         result = {

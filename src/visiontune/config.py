@@ -190,10 +190,17 @@ class Data:
         "sampler: classes drawn equally often; loss_weights: inverse class frequency"
     )
     strict: bool = key("bad image files are an error instead of a warning")
+    min_read_fraction: float = key(
+        "an epoch or the test reading a smaller share of its images (broken files) ends the run", ge=0, le=1
+    )
     allow_class_mismatch: bool = key("eval and resume accept class names that differ from the checkpoint's")
     device_transforms: AutoOrBool = key("resize, augment and normalise whole batches on the device")
     cache: Literal[CACHE_MODES] = key("image files: decode and resize once, into memory or disk")
     cache_dir: str | None = key("where data.cache=disk keeps its arrays (null = <root>/.cache)", check=text)
+    max_pixels: int | None = key(
+        "images with more pixels are skipped before decoding (a pixel bomb); null = no limit",
+        ge=1,
+    )
 
 
 @dataclass
@@ -744,12 +751,19 @@ def validate_config(cfg) -> list[str]:
 # -- the after-training commands: the keys they are given (all optional; `???` = not given)
 @dataclass
 class EvalTrainer:
-    """trainer (eval, compress): where the model runs."""
+    """trainer (eval): only the old spelling of `device`."""
+
+    accelerator: str | None = key("the old spelling of device (still works, with a warning)")
+
+
+@dataclass
+class CompressTrainer(EvalTrainer):
+    """trainer (compress): the old spelling of `device`, and the Trainer of the fine-tune after pruning."""
 
     devices: int | str | list[int] = key(
         "a count, -1 (all), auto, or a list of device indices", check=devices
     )
-    precision: Precision = key("32, 16-mixed, bf16-mixed, ... (eval computes in float32)")
+    precision: Precision = key("32, 16-mixed, bf16-mixed, ... (the fine-tune after pruning)")
 
 
 @dataclass
@@ -787,12 +801,43 @@ class CompressConfig:
     latency_runs: int = key("runs of the latency measurement", ge=1)
     test_subset: int | None = key("test images of the accuracy comparison (null = all)", ge=1)
     tolerance: float = key("the parity tolerance of each ONNX export it writes (probabilities)", gt=0)
+    trainer: CompressTrainer = key("where the fine-tune after pruning runs")
 
 
 def validate_compress_config(cfg) -> list[str]:
     """The compress counterpart: its own keys, then the data and trainer keys given to it."""
     check_schema(as_config(cfg), CompressConfig, closed=False)
     return validate_eval_config(cfg)
+
+
+# -- the settings a checkpoint stores: each of its config groups, under the key the command line uses
+STORED_GROUPS = {
+    "model": Model,
+    "data": Data,
+    "optimizer": Optimizer,
+    "scheduler": Scheduler,
+    "finetune": Finetune,
+}
+
+
+def check_checkpoint_settings(hparams: dict, source: str) -> None:
+    """A checkpoint's stored config groups (its hyper_parameters) against the schema, as if typed on the
+    command line: the first bad value is one line that names the checkpoint and the key. Open and loose
+    (an older or newer checkpoint holds other keys, or fewer). `cli.run_cli` has every checkpoint load
+    run it (`training.checkpoints.SETTINGS_CHECKS`)."""
+    optim = hparams.get("optim") if isinstance(hparams.get("optim"), dict) else {}
+    stored = {"model": hparams.get("model"), "data": hparams.get("data"), **optim}
+    groups = {name: v for name, v in stored.items() if name in STORED_GROUPS and isinstance(v, dict)}
+    try:
+        cfg = OmegaConf.create(groups)
+        for name in groups:
+            check_schema(cfg, STORED_GROUPS[name], name, closed=False, loose=True)
+        check_rules(cfg, (Rule("data.fold", fold_below_folds),), loose=True)
+    except (UserError, OmegaConfBaseException) as exc:
+        what = one_line(exc).replace("invalid config value ", "invalid stored setting ", 1)
+        raise UserError(
+            f"checkpoint {source}: {what}. It was edited, or not saved by visiontune: use another checkpoint of the run"
+        ) from None
 
 
 # -- `visiontune-train --help`

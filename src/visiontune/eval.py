@@ -18,7 +18,6 @@ per_label.csv and report.md instead (`REPORTS`: one report per task).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from omegaconf import DictConfig
 
 from visiontune.cli import CONF_DIR, data_patch, print_summary, run_cli
 from visiontune.config import validate_eval_config
+from visiontune.data.temporaries import write_json
 from visiontune.deploy.inference import quiet_warnings
 from visiontune.deploy.session import InferenceSession, device_setting
 from visiontune.errors import UserError
@@ -82,7 +82,7 @@ def evaluate_classes(session, logits, targets, indices, cfg: DictConfig, run_dir
     if cfg.report.enabled:
         class_names = list(session.heads[0].classes)
         write_report(run_dir, metrics, logits, targets, indices, datamodule, class_names, fitted, cfg)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    write_json(run_dir / "metrics.json", metrics, indent=2, sort_keys=True)
     print_summary(metrics, run_dir, keys=SUMMARY)
     return metrics
 
@@ -124,7 +124,7 @@ def calibrate(session, test_logits, test_targets, cfg: DictConfig, run_dir: Path
 def write_report(run_dir, metrics, logits, targets, indices, datamodule, class_names, fitted, cfg) -> None:
     """per_class.csv, confusion_matrix.png, reliability.png, mistakes.png and report.md."""
     temperature = metrics["temperature"]
-    probs = calibration.scaled_probs(logits, temperature)
+    probs = calibration.tempered_softmax(logits, temperature)
     cm = report.confusion_matrix(logits.argmax(1), targets, len(class_names))
     rows = report.per_class_rows(cm, class_names)
     report.write_per_class_csv(rows, run_dir / "per_class.csv")
@@ -133,7 +133,7 @@ def write_report(run_dir, metrics, logits, targets, indices, datamodule, class_n
         (f"test, T={temperature:.3g}", calibration.reliability_bins(probs, targets), metrics["test/ece"])
     ]
     if fitted:
-        after = calibration.scaled_probs(logits, fitted["temperature_fitted"])
+        after = calibration.tempered_softmax(logits, fitted["temperature_fitted"])
         panels.append((f"test, T={fitted['temperature_fitted']:.3g} (fitted)",
                        calibration.reliability_bins(after, targets), fitted["test/ece_after"]))  # fmt: skip
     report.plot_reliability(panels, run_dir / "reliability.png")
@@ -165,7 +165,7 @@ def evaluate_heads(session, logits, targets, indices, cfg: DictConfig, run_dir: 
         rows = report.per_label_rows(session.probabilities(logits), targets, heads, thresholds)
         report.write_per_label_csv(rows, run_dir / "per_label.csv")
         report.write_task_report_md(run_dir / "report.md", metrics, rows, str(cfg.ckpt_path))
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    write_json(run_dir / "metrics.json", metrics, indent=2, sort_keys=True)
     shown = [k for k in metrics if k.startswith("test/") and "/ap/" not in k]
     print_summary(metrics, run_dir, keys=tuple(sorted(shown)))
     return metrics

@@ -17,11 +17,14 @@ Every task exports the same way: the heads' outputs side by side (softmax per mu
 per label; a multiclass model is one head), and preprocess.json's `task` names each head's slice,
 classes and (multilabel) thresholds.
 
-Every file goes to a temporary name first and is renamed only when the check has passed.
+Every file goes to a temporary name first (`.<name>.<pid>@<host>.tmp`) and is renamed only when the
+check has passed; the temporaries of an export that was killed are removed by the next one
+(`visiontune.data.temporaries`). An out_dir that is a file or cannot be written is one line, exit 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +38,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from visiontune.cli import CONF_DIR, data_patch, run_cli
+from visiontune.data.temporaries import remove_stale, temp_path
 from visiontune.deploy.inference import quiet_warnings, raw_image
 from visiontune.deploy.preprocess import INTERPOLATIONS, load_spec, preprocess_image
 from visiontune.deploy.session import ExportedModel, InferenceSession
@@ -126,6 +130,26 @@ def _replace_all(pairs: list[tuple[Path, Path]]) -> None:
         os.replace(tmp, final)
 
 
+def writable_out_dir(out_dir: Path, key: str, probe: Path) -> None:
+    """Create `out_dir` and write `probe` there once; a file in its place or a folder that cannot be
+    written is one line that names it (`key`: the setting that chose it)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(
+            f"{key}={out_dir} is a file, not a folder. Fix: set {key}=<a folder>, or move that file"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise UserError(
+            f"cannot write into {key}={out_dir} ({exc.strerror or exc}). Fix: make it writable, or set "
+            f"{key}=<a writable folder>"
+        ) from None
+
+
 def export(cfg: DictConfig, patch: dict | None = None) -> dict:
     """Export `cfg.ckpt_path`; returns export.json's content."""
     quiet_warnings()
@@ -134,6 +158,12 @@ def export(cfg: DictConfig, patch: dict | None = None) -> dict:
         raise UserError(f"format={fmt} is unknown; choose one of {', '.join(FORMATS)}")
     if cfg.output not in OUTPUTS:
         raise UserError(f"output={cfg.output} is unknown; choose one of {', '.join(OUTPUTS)}")
+    parity_images = cfg.parity_images
+    if not (isinstance(parity_images, int) and not isinstance(parity_images, bool) and parity_images >= 1):
+        raise UserError(
+            f"parity_images={parity_images}: must be an integer >= 1, the test images the exported model is "
+            "checked on (the parity check always runs; 64 is the default)"
+        )
     patch = data_patch(cfg) if patch is None else patch
     session = InferenceSession.from_checkpoint(cfg.ckpt_path, "cpu", patch)
     datamodule = session.labelled_data()
@@ -150,13 +180,16 @@ def export(cfg: DictConfig, patch: dict | None = None) -> dict:
         raise UserError("the test split has no images for the parity check. Fix: check data.root")
 
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     final = {
         "model": out_dir / FORMATS[fmt],
         "preprocess": out_dir / "preprocess.json",
         "report": out_dir / "export.json",
     }
-    tmp = {k: p.with_name(f".{p.name}.tmp") for k, p in final.items()}
+    tmp = {k: temp_path(p) for k, p in final.items()}
+    writable_out_dir(out_dir, "out_dir" if cfg.out_dir else "hydra.run.dir", tmp["report"])
+    remove_stale(
+        out_dir, [f".{name}.*tmp" for name in (*FORMATS.values(), "preprocess.json", "export.json")], "export"
+    )
     module = Deployable(session, cfg.output).eval()
     size = datamodule.image_size
     example = torch.zeros(2, 3, size, size)
@@ -189,7 +222,8 @@ def export(cfg: DictConfig, patch: dict | None = None) -> dict:
         _replace_all([(tmp[k], final[k]) for k in ("model", "preprocess", "report")])
     finally:
         for path in tmp.values():
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the first error is the one to report
+                path.unlink(missing_ok=True)
     for key in ("max_abs_diff", "model_max_abs_diff", "preprocess_max_abs_diff", "top1_agreement"):
         print(f"{key:>24}: {result[key]:.3g}")
     print(f"exported {final['model']} (+ preprocess.json, export.json)")

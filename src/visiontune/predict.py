@@ -5,9 +5,11 @@ paths (.txt/.lst, one a line, relative to the file's folder, `#` comments), or `
 `split:val`: that split of the checkpoint's own data, with `target` and `correct` columns (its
 accuracy is eval's test/acc exactly: the same images through the same transform and model).
 
-A file that is not a readable image becomes a row with the reason in `error`; the other files are
-still predicted and the exit code is 0. Probabilities are softmax(logits / temperature) with the
-checkpoint's temperature (eval calibrate=true stores one).
+A file that is not a readable image (a folder named in a list, a symlink loop, more than `max_pixels`
+pixels, refused from its header before decoding) becomes a row with the reason in `error`; the other
+files are still predicted and the exit code is 0. A file name that is not UTF-8 is written to the CSV as
+its own bytes (`surrogateescape`); predictions.csv appears whole or not at all. Probabilities are
+softmax(logits / temperature) with the checkpoint's temperature (eval calibrate=true stores one).
 
 Every task writes one column group per head (deploy/outputs.py): `label,prob,top1_label,top1_prob,...`
 for a multiclass head, `labels,probs` (the labels at or above their thresholds, `|`-separated, most
@@ -30,8 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from visiontune.cli import CONF_DIR, data_patch, print_summary, run_cli
 from visiontune.data.files import IMAGE_EXTENSIONS, check_image
-from visiontune.data.images import open_image
+from visiontune.data.images import DEFAULT_MAX_PIXELS, open_image
 from visiontune.data.indexed import Indexed
+from visiontune.data.workers import ignore_interrupts
 from visiontune.deploy import outputs
 from visiontune.deploy.inference import item_name, quiet_warnings
 from visiontune.deploy.session import InferenceSession, device_setting
@@ -48,7 +51,7 @@ def resolve_inputs(inputs: str) -> list[Path]:
     text = str(inputs)
     path = Path(os.path.expanduser(text))
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        files = sorted(p for p in path.rglob("*") if _listed(p) and not _hidden(p.relative_to(path)))
         if not files:
             raise UserError(f"inputs={text} is an empty folder. Fix: inputs=<a folder with images>")
         return files
@@ -58,13 +61,18 @@ def resolve_inputs(inputs: str) -> list[Path]:
         return [path]
     if any(c in text for c in "*?["):
         matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True))
-        files = [p for p in matches if p.is_file()]
+        files = [p for p in matches if _listed(p)]
         if not files:
             raise UserError(f"inputs={text} matches no files. Fix: check the pattern (quote it in the shell)")
         return files
     raise UserError(
         f"inputs={text} does not exist. Fix: inputs=<image, folder, glob, list.txt> or inputs=split:test"
     )
+
+
+def _listed(path: Path) -> bool:
+    """A file, or a link that leads to no folder (a loop, a broken link): it gets a row with its problem."""
+    return path.is_file() or (path.is_symlink() and not path.is_dir())
 
 
 def _hidden(relative: Path) -> bool:
@@ -87,22 +95,24 @@ def read_path_list(path: Path) -> list[Path]:
 class FileInputs(Dataset):
     """(index, image tensor or None, error message) per file, so bad files become error rows."""
 
-    def __init__(self, paths: list[Path], transform):
-        self.paths, self.transform = paths, transform
+    def __init__(self, paths: list[Path], transform, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.paths, self.transform, self.max_pixels = paths, transform, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         path = self.paths[i]
-        problem = check_image(path)
+        problem = check_image(path, self.max_pixels)
         if problem is None:
             try:
-                return i, self.transform(open_image(path)), ""
+                return i, self.transform(open_image(path, self.max_pixels)), ""
             except Exception as exc:  # a decoder's own error, e.g. a truncated PNG
                 problem = f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})"
         if problem == "not an image file":
             problem = f"not an image file (extension {path.suffix or 'none'}; expected one of {sorted(IMAGE_EXTENSIONS)})"
+        elif problem.startswith("too large"):
+            problem += " (raise max_pixels= to predict it)"
         return i, None, problem
 
 
@@ -123,7 +133,8 @@ def _collate(batch):
 def run_predictions(session: InferenceSession, dataset, names: list[str], topk: int, tta: str, batch_size: int,
                     num_workers: int) -> list[dict]:  # fmt: skip
     """One row per item of `dataset` (FileInputs or SplitInputs), in order: each head's cells."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                        worker_init_fn=ignore_interrupts)  # fmt: skip
     rows: list[dict] = []
     for batch in loader:
         index, images, errors = batch[0], batch[1], batch[2]
@@ -143,13 +154,24 @@ def run_predictions(session: InferenceSession, dataset, names: list[str], topk: 
 
 
 def write_rows(rows: list[dict], columns: list[str], path: Path) -> None:
-    """Write the CSV under a temporary name, then rename it: never a half-written predictions.csv."""
+    """Write the CSV under a temporary name, then rename it: never a half-written predictions.csv, and no
+    temporary file left when writing fails. UTF-8, with a file name that is not UTF-8 written as its own
+    bytes (`surrogateescape`, as Python read it), so the path column opens the file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def shown(name: str) -> str:
+    """A path for a message: bytes that are not UTF-8 as \\x escapes (a log file cannot take surrogates)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def predict(cfg: DictConfig, patch: dict | None = None) -> dict:
@@ -163,13 +185,16 @@ def predict(cfg: DictConfig, patch: dict | None = None) -> dict:
     split = inputs[len(SPLIT_PREFIX) :] if inputs.startswith(SPLIT_PREFIX) else None
     if split is not None and split not in ("test", "val"):
         raise UserError(f"inputs={inputs}: the splits are split:test and split:val")
+    max_pixels = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
+    if max_pixels is not None and (type(max_pixels) is not int or max_pixels < 1):
+        raise UserError(f"max_pixels={max_pixels} must be a whole number of pixels, at least 1 (null = none)")
     files = resolve_inputs(inputs) if split is None else None  # bad paths fail before the model loads
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     patch = data_patch(cfg) if patch is None else patch
     session = InferenceSession.from_checkpoint(cfg.ckpt_path, device_setting(cfg), patch)
     if split is None:
-        dataset = FileInputs(files, session.transform)
+        dataset = FileInputs(files, session.transform, max_pixels)
         names = [str(p) for p in files]
     else:  # labelled data: its classes must be the checkpoint's, as for eval
         datamodule = session.labelled_data()
@@ -191,7 +216,7 @@ def predict(cfg: DictConfig, patch: dict | None = None) -> dict:
             summary[f"{split}/{head}{name}"] = sum(judged) / len(judged)
     for row in rows:
         if row["error"]:
-            log.warning("skipped %s: %s", row["path"], row["error"])
+            log.warning("skipped %s: %s", shown(row["path"]), row["error"])
     print_summary(summary, run_dir, keys=tuple(summary))
     print(f"predictions: {run_dir / 'predictions.csv'}")
     return summary

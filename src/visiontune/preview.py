@@ -22,10 +22,12 @@ def preview(overrides: list[str], n: int, out: Path) -> Path:
     """Write a grid of `n` augmented training samples of the run `overrides` describes to `out`."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
     from torchvision.utils import make_grid, save_image
 
     from visiontune.build import build_datamodule
     from visiontune.cli import CONF_DIR, plain
+    from visiontune.config import validate_config
     from visiontune.data.transforms import batch_mix
 
     if n < 1:
@@ -33,6 +35,9 @@ def preview(overrides: list[str], n: int, out: Path) -> Path:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
+    if OmegaConf.is_interpolation(cfg.paths, "output_dir"):  # Hydra's run dir: there is none here
+        cfg.paths.output_dir = str(out.parent)
+    validate_config(cfg)  # a bad value is the same one line as visiontune-train's
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     dataset = datamodule.train_set

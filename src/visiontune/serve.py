@@ -9,8 +9,9 @@
 - Requests that arrive together are run as one batch: up to `max_batch_size` images, collected for
   at most `batch_timeout` seconds after the first one (a small asyncio queue in front of one model
   thread; see MicroBatcher).
-- Not an image, an empty body: 400; over `max_bytes`: 413; `max_pending` requests already in hand
-  (waiting or running): 503; always a JSON `{"error": ...}`, and the server keeps serving.
+- Not an image, an empty body: 400; over `max_bytes`, or an image over `max_pixels` (refused from its
+  header, before decoding: a pixel bomb never reaches memory): 413; `max_pending` requests already in
+  hand (waiting or running): 503; always a JSON `{"error": ...}`, and the server keeps serving.
 
 A checkpoint runs in PyTorch with the training eval transform; an .onnx file runs in onnxruntime
 with the preprocess.json beside it (`visiontune.export` writes both), so the service needs no
@@ -36,6 +37,7 @@ from omegaconf import DictConfig
 from starlette.concurrency import run_in_threadpool
 
 from visiontune.cli import CONF_DIR, run_cli
+from visiontune.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, open_image
 from visiontune.deploy.outputs import describe
 from visiontune.deploy.session import InferenceSession, device_setting
 from visiontune.errors import UserError
@@ -120,18 +122,17 @@ class MicroBatcher:
             return exc
 
 
-def decode(data: bytes):
-    """Request bytes -> RGB image, or BadRequest(400) saying why not."""
+def decode(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """Request bytes -> RGB image, or BadRequest(400; 413 over `max_pixels`, before decoding) saying why not."""
     from PIL import Image
-
-    from visiontune.data.images import open_image
 
     if not data:
         raise BadRequest(400, "empty request: send the image as the request body or as a multipart file")
     try:
-        image = open_image(bytes(data))
-    except Image.DecompressionBombError as exc:
-        raise BadRequest(413, f"image too large in pixels ({exc})") from None
+        image = open_image(bytes(data), max_pixels)
+    except ImageTooLarge as exc:
+        fix = "send a smaller image, or start the service with a higher max_pixels="
+        raise BadRequest(413, f"image too large: {exc}; {fix}") from None
     except Image.UnidentifiedImageError:
         raise BadRequest(400, "not an image: the bytes are in no image format PIL can read") from None
     except Exception as exc:
@@ -183,7 +184,8 @@ async def image_bytes(request, max_bytes: int) -> bytes:
 
 
 def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01, max_bytes: int = 10_000_000,
-               topk: int = 5, max_pending: int = 256):  # fmt: skip
+               topk: int = 5, max_pending: int = 256,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS):  # fmt: skip
     """The FastAPI app around `predictor` (an InferenceSession, or any callable: list of RGB images ->
     probabilities (N, outputs), with `class_names`, `temperature`, `source` and `task`, the task_spec)."""
     batcher = MicroBatcher(predictor, max_batch_size, batch_timeout)
@@ -231,7 +233,7 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
     async def answer(request: Request):
         try:
             data = await image_bytes(request, max_bytes)
-            image = await run_in_threadpool(decode, data)
+            image = await run_in_threadpool(decode, data, max_pixels)
         except BadRequest as exc:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
         try:
@@ -308,11 +310,17 @@ def serve(cfg: DictConfig) -> None:
     for key in ("max_batch_size", "max_bytes", "topk", "max_pending"):
         if int(cfg[key]) < 1:
             raise UserError(f"{key}={cfg[key]} must be at least 1")
-    sock = bind_socket(str(cfg.host), int(cfg.port))  # a taken port fails before the model loads
+    max_pixels = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
+    if max_pixels is not None and (type(max_pixels) is not int or max_pixels < 1):
+        raise UserError(f"max_pixels={max_pixels} must be a whole number of pixels, at least 1 (null = none)")
+    port = int(cfg.port) if str(cfg.port).isdigit() else 0  # an int, or digits (e.g. from ${oc.env:PORT})
+    if not 1 <= port <= 65535:
+        raise UserError(f"port={cfg.port} is not a TCP port: give a whole number in 1..65535, e.g. port=8000")
+    sock = bind_socket(str(cfg.host), port)  # a taken port fails before the model loads
     try:
         predictor = make_predictor(cfg)
         app = create_app(predictor, int(cfg.max_batch_size), float(cfg.batch_timeout), int(cfg.max_bytes),
-                         int(cfg.topk), int(cfg.max_pending))  # fmt: skip
+                         int(cfg.topk), int(cfg.max_pending), max_pixels)  # fmt: skip
         host, port = sock.getsockname()[:2]
         print(f"serving {predictor.source} on http://{host}:{port} (POST /predict, GET /health)", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level=str(cfg.log_level))).run(sockets=[sock])

@@ -7,7 +7,6 @@ and the summary. Everything the run is made of is decided in `build_run`; this m
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -25,6 +24,7 @@ from omegaconf import DictConfig
 from visiontune.build import Run, build_run
 from visiontune.cli import CONF_DIR, SUMMARY_KEYS, RunStopped, print_summary, run_cli
 from visiontune.config import validate_config
+from visiontune.data.temporaries import write_json
 from visiontune.errors import UserError
 
 log = logging.getLogger("visiontune")
@@ -72,7 +72,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float:
     if suggestion is not None:
         metrics["lr_find/suggestion"] = suggestion
     if trainer.is_global_zero:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        write_json(run_dir / "metrics.json", metrics, indent=2, sort_keys=True)  # never a half-written file
         # a task's per-head test figures (test/<head>/acc, test/map, ...) follow the monitor
         ends = ("/acc", "/map", "/f1", "/score")
         heads = sorted(k for k in metrics if k.startswith("test/") and k.endswith(ends))
@@ -93,19 +93,32 @@ def fit(run: Run, ckpt_path: str | Path | None) -> None:
     except (SystemExit, KeyboardInterrupt) as exc:  # Lightning ends SIGTERM and SIGINT with SystemExit
         if interrupts.signal is None:
             raise
-        where = f"resume with ckpt_path={interrupts.saved}" if interrupts.saved else "nothing was trained yet"
-        raise RunStopped(
-            f"interrupted by {interrupts.signal.name} in epoch {trainer.current_epoch} "
-            f"(step {trainer.global_step}); {where}",
-            128 + int(interrupts.signal),
-        ) from exc
-    except Exception:
+        raise stopped(run) from exc
+    except Exception as exc:
+        if interrupts.signal is not None:  # a DataLoader worker that died of the same signal
+            raise stopped(run) from exc
         if interrupts.saved:
             also = f" (or the last epoch end: ckpt_path={last})" if last.is_file() else ""
             log.error("training crashed; continue with ckpt_path=%s%s", interrupts.saved, also)
         raise
     if trainer.interrupted:  # stopped without an exception we could see
         raise RunStopped(f"training was interrupted; resume with ckpt_path={last}", 1)
+
+
+def stopped(run: Run) -> RunStopped:
+    """The one line of a run stopped by a signal: where it stopped, and what to resume from."""
+    trainer, interrupts, last = run.trainer, run.interrupts, run.ckpt_dir / "last.ckpt"
+    if interrupts.saved:
+        where = f"resume with ckpt_path={interrupts.saved}"
+    elif last.is_file():  # the stop broke into a batch (or its checkpoint could not be written)
+        where = f"resume from the last epoch end with ckpt_path={last}"
+    else:
+        where = "nothing was trained yet"
+    return RunStopped(
+        f"interrupted by {interrupts.signal.name} in epoch {trainer.current_epoch} "
+        f"(step {trainer.global_step}); {where}",
+        128 + int(interrupts.signal),
+    )
 
 
 def check_run_dir(ckpt_dir: Path, ckpt_path: str | None, restart: bool) -> None:
@@ -154,20 +167,30 @@ def find_lr(run: Run, cfg: DictConfig, run_dir: Path) -> float:
     from lightning.pytorch.tuner import Tuner
 
     trainer = run.trainer
-    finder = Tuner(trainer).lr_find(
-        run.model,
-        datamodule=run.datamodule,
-        min_lr=cfg.tune.min_lr,
-        max_lr=cfg.tune.max_lr,
-        num_training=cfg.tune.num_training,
-        attr_name="lr",
-        update_attr=True,
-        early_stop_threshold=None,
-    )
-    suggestion = finder.suggestion() if finder is not None else None
+    lightning_log = logging.getLogger("lightning.pytorch.tuner.lr_finder")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.CRITICAL)  # its "not enough points" error: the UserError below says why
+    try:
+        finder = Tuner(trainer).lr_find(
+            run.model,
+            datamodule=run.datamodule,
+            min_lr=cfg.tune.min_lr,
+            max_lr=cfg.tune.max_lr,
+            num_training=cfg.tune.num_training,
+            attr_name="lr",
+            update_attr=True,
+            early_stop_threshold=None,
+        )
+    finally:
+        lightning_log.setLevel(level)
+    steps = len(finder.results["lr"]) if finder is not None else 0
+    if steps < LR_FIND_MIN_STEPS:
+        raise UserError(lr_find_too_short(steps, int(cfg.tune.num_training), trainer))
+    suggestion = finder.suggestion()
     if suggestion is None:
         raise UserError(
-            "the LR finder found no suggestion; raise tune.num_training or set optimizer.lr yourself"
+            f"the LR finder found no suggestion: the loss was not finite over tune.min_lr={cfg.tune.min_lr} .. "
+            f"tune.max_lr={cfg.tune.max_lr}. Fix: lower tune.max_lr, or set optimizer.lr by hand (tune.lr_find=false)"
         )
     if trainer.is_global_zero:
         import matplotlib
@@ -176,6 +199,27 @@ def find_lr(run: Run, cfg: DictConfig, run_dir: Path) -> float:
         finder.plot(suggest=True).savefig(run_dir / "lr_find.png")
     log.info("LR finder suggests optimizer.lr=%.3g (plot: %s)", suggestion, run_dir / "lr_find.png")
     return float(suggestion)
+
+
+# Lightning's suggestion skips the finder's first 10 steps and its last one, and needs 2 more to compare
+LR_FIND_MIN_STEPS = 13
+
+
+def lr_find_too_short(steps: int, num_training: int, trainer) -> str:
+    """Why the LR finder ran too few steps for a suggestion, and what to do."""
+    if num_training < LR_FIND_MIN_STEPS:
+        return (
+            f"the LR finder needs at least {LR_FIND_MIN_STEPS} steps for a suggestion and tune.num_training="
+            f"{num_training}. Fix: tune.num_training=100 (the default), or set optimizer.lr by hand (tune.lr_find=false)"
+        )
+    batches = trainer.num_training_batches
+    known = batches not in (None, float("inf"))
+    per_epoch = f"{int(batches)} training batches an epoch" if known else "few batches"
+    return (
+        f"the data is too small for the LR finder: it has {per_epoch}, so the finder ran {steps} steps, and it "
+        f"needs at least {LR_FIND_MIN_STEPS}. Fix: set optimizer.lr by hand (tune.lr_find=false), or give it more "
+        "batches (more data, a larger data.train_subset, or a smaller data.batch_size)"
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -1,1 +1,1 @@
-"""Hydra finds plugins only under `hydra_plugins`: this package points it at visiontune's sweeper."""
+"""Hydra finds plugins only under `hydra_plugins`: this package points it at visiontune's sweepers (optuna, grid)."""

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,7 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from visiontune.data.files import collate_skip_none, load_image
+from visiontune.data.temporaries import remove_stale, temp_path
 from visiontune.data.transforms import interpolation_mode
+from visiontune.data.workers import ignore_interrupts
 from visiontune.data.wrapped import WrappedDataset
 
 log = logging.getLogger("visiontune")
@@ -40,8 +41,9 @@ RANDOM_CROP_PRESETS = ("basic", "strong")
 
 class ArrayStore:
     """Arrays by key under `root` (when given and writable) as <key>.npy (which records its dtype) +
-    <key>.json (key, shape, bytes); loaded memory-mapped. A file whose key, shape, dtype or size does not match is stale or
-    corrupt: it is reported and rebuilt. A root that cannot be written only warns."""
+    <key>.json (key, shape, bytes, blake2b checksum); loaded memory-mapped. A file whose key, shape, dtype,
+    size or checksum does not match is stale or corrupt (bytes overwritten in place keep the size, not the
+    checksum): it is reported by name and rebuilt. A root that cannot be written only warns."""
 
     def __init__(self, root: str | Path | None, what: str = "cache"):
         self.root = Path(root).expanduser() if root else None
@@ -50,12 +52,17 @@ class ArrayStore:
     def _files(self, key: str) -> tuple[Path, Path]:
         return self.root / f"{key}.npy", self.root / f"{key}.json"
 
+    def remove_leftovers(self) -> None:
+        """Remove the temporaries that a killed save or build left under root (`visiontune.data.temporaries`)."""
+        remove_stale(self.root, ("*.npy.tmp", "*.npy.*.tmp"), self.what)
+
     def load(self, key: str, dtype) -> np.ndarray | None:
         if self.root is None:
             return None
         data, meta = self._files(key)
         if not (data.is_file() and meta.is_file()):
             return None
+        why = None
         try:
             info = json.loads(meta.read_text())
             array = np.load(data, mmap_mode="r")
@@ -65,10 +72,13 @@ class ArrayStore:
                 and array.dtype == np.dtype(dtype)
             )
             ok = ok and data.stat().st_size == info["bytes"]
+            if ok and info.get("blake2b") != file_checksum(data):  # read only once the cheap checks pass
+                ok, why = False, "its bytes do not match the checksum written with it"
         except (OSError, ValueError, KeyError, TypeError):
             ok = False
         if not ok:
-            log.warning("%s %s is corrupt or stale: rebuilding it", self.what, data)
+            reason = f" ({why})" if why else ""
+            log.warning("%s %s is corrupt or stale%s: rebuilding it", self.what, data, reason)
             return None
         return array
 
@@ -77,20 +87,20 @@ class ArrayStore:
         if self.root is None:
             return False
         data, meta = self._files(key)
-        tmp = None
+        tmp = temp_path(data)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.root, suffix=".npy.tmp", delete=False) as f:
-                tmp = Path(f.name)
+            self.remove_leftovers()
+            with open(tmp, "wb") as f:
                 np.save(f, array)
             size = tmp.stat().st_size
             os.replace(tmp, data)
-            meta.write_text(json.dumps({"key": key, "shape": list(array.shape), "bytes": size}))
+            meta.write_text(json.dumps({"key": key, "shape": list(array.shape), "bytes": size,
+                                        "blake2b": file_checksum(data)}))  # fmt: skip
             return True
         except OSError as exc:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             log.warning("%s: cannot write %s (%s); keeping it in memory only", self.what, self.root,
                         exc.strerror or exc)  # fmt: skip
             return False
@@ -101,15 +111,17 @@ class ArrayStore:
         if self.root is None:
             return None
         data, meta = self._files(key)
-        tmp = data.with_name(f"{data.name}.{os.getpid()}.tmp")
+        tmp = temp_path(data)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            self.remove_leftovers()
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
             fill(array)
             array.flush()
             del array
             os.replace(tmp, data)
-            meta.write_text(json.dumps({"key": key, "shape": list(shape), "bytes": data.stat().st_size}))
+            meta.write_text(json.dumps({"key": key, "shape": list(shape), "bytes": data.stat().st_size,
+                                        "blake2b": file_checksum(data)}))  # fmt: skip
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
@@ -119,15 +131,27 @@ class ArrayStore:
         return self.load(key, dtype)
 
 
+def file_checksum(path: Path) -> str:
+    """blake2b of a file's bytes, read in chunks (a memory-mapped array may exceed memory)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def files_fingerprint(paths: list[str]) -> str:
-    """The files as they are now: paths with sizes and mtimes (a changed file is another fingerprint)."""
+    """The files as they are now: paths with sizes and mtimes (a changed file is another fingerprint).
+
+    A path is hashed as the bytes of its name (`os.fsencode`), so a name that is not UTF-8 (its bytes kept
+    as surrogates) hashes too."""
     digest = hashlib.sha256()
     for path in paths:
         try:
             stat = os.stat(path)
-            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            digest.update(os.fsencode(path) + f":{stat.st_size}:{stat.st_mtime_ns}\n".encode())
         except OSError:
-            digest.update(f"{path}:missing\n".encode())
+            digest.update(os.fsencode(path) + b":missing\n")
     return digest.hexdigest()
 
 
@@ -185,7 +209,7 @@ def decode_into(images: np.ndarray, paths: list[str], geometry, num_workers: int
     """Decode every path into `images` (N, 3, S, S) uint8; returns which ones were readable."""
     ok = np.zeros(len(paths), dtype=bool)
     loader = DataLoader(_Decode(paths, geometry), batch_size=64, num_workers=num_workers,
-                        collate_fn=collate_skip_none)  # fmt: skip
+                        collate_fn=collate_skip_none, worker_init_fn=ignore_interrupts)  # fmt: skip
     for batch in loader:
         if batch is None:
             continue

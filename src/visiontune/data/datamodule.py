@@ -44,9 +44,18 @@ from visiontune.data.files import (
     scan_task_csv,
     task_classes,
 )
-from visiontune.data.splits import stratified_fold, stratified_split, stratified_subset
+from visiontune.data.images import DEFAULT_MAX_PIXELS
+from visiontune.data.splits import (
+    held_out,
+    missing_classes,
+    smallest_held_out,
+    stratified_fold,
+    stratified_split,
+    stratified_subset,
+)
 from visiontune.data.standard import STANDARD, TensorImageDataset
 from visiontune.data.transforms import eval_transform, train_transform
+from visiontune.data.workers import ignore_interrupts
 from visiontune.errors import UserError
 from visiontune.models.heads import config_heads, is_multi
 
@@ -108,6 +117,8 @@ class ImageDataModule(L.LightningDataModule):
         self.crop_pct = float(crop if crop is not None else data_config["crop_pct"])
         self._classes: list[str] | None = None
         self.train_set = self.val_set = self.test_set = None
+        # where each split's images come from, for its messages: (how, where); see `_how`
+        self._origins: dict[str, tuple[str, str]] = {}
         # (train, eval) BatchTransform once enable_device_transforms has turned them on
         self.device_transforms: tuple | None = None
         self.balance = self.cfg.get("balance", "none")
@@ -195,6 +206,10 @@ class ImageDataModule(L.LightningDataModule):
             self._setup_in_memory(stage)
         else:
             self._setup_folders(stage)
+        parts = ("test",) if stage == "test" else ("train", "val", "test")  # what the stage reads
+        self._refuse_empty_splits(parts)
+        self._warn_missing_classes(parts)
+        if not self.standard:
             self._cache_decoded(stage)
         sizes = {
             k: len(v)
@@ -203,9 +218,11 @@ class ImageDataModule(L.LightningDataModule):
         }
         log.info("data %s: %s images, %d classes", self.name, sizes, self.num_classes)
 
-    def _split_off_val(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(train, val) indices: fold `data.fold` of `data.folds`, or a `val_fraction` split."""
+    def _split_off_val(self, labels: np.ndarray, train: str) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) indices: fold `data.fold` of `data.folds`, or a `val_fraction` split of `train`
+        (where the training images are, for the messages)."""
         folds = self.cfg.get("folds")
+        self._origins["val"] = ("folds" if folds else "fraction", train)
         if folds:
             return stratified_fold(labels, int(folds), int(self.cfg.get("fold") or 0), self.seed)
         return stratified_split(labels, self.cfg.get("val_fraction", 0.1), self.seed)
@@ -215,12 +232,15 @@ class ImageDataModule(L.LightningDataModule):
 
     def _setup_in_memory(self, stage):
         x_test, y_test = self.standard.load(self.root, False)
+        self._origins.update(
+            train=("split", f"{self.name}'s training set"), test=("split", f"{self.name}'s test set")
+        )
         keep = self._subset(self.cfg.get("test_subset"), y_test.numpy(), 2)
         self.test_set = TensorImageDataset(x_test[keep], y_test[keep], self.eval_transform())
         if stage == "test":
             return
         x, y = self.standard.load(self.root, True)
-        train_idx, val_idx = self._split_off_val(y.numpy())
+        train_idx, val_idx = self._split_off_val(y.numpy(), self._origins["train"][1])
         val_idx = val_idx[self._subset(self.cfg.get("val_subset"), y[val_idx].numpy(), 1)]
         train_idx = train_idx[self._subset(self.cfg.get("train_subset"), y[train_idx].numpy(), 0)]
         self.train_set = TensorImageDataset(x[train_idx], y[train_idx], self.train_transform())
@@ -230,16 +250,26 @@ class ImageDataModule(L.LightningDataModule):
         """imagefolder and csv: scan every split (bad files out), then split, subset, fall back."""
         strict = bool(self.cfg.get("strict", False))
         classes = self.classes
+        limit = self.cfg.get("max_pixels", DEFAULT_MAX_PIXELS)  # more pixels: skipped before decoding
         if self.task:
             sep, multitask = self.task.get("label_sep", "|"), self.task["name"] == "multitask"
-            splits = {s: scan_task_csv(path, strict, self.heads, sep, multitask)
+            splits = {s: scan_task_csv(path, strict, self.heads, sep, multitask, max_pixels=limit)
                       for s, path in csv_files(self.root).items()}  # fmt: skip
         elif self.name == "csv":
-            splits = {s: scan_csv(path, strict, classes)[1:] for s, path in csv_files(self.root).items()}
+            splits = {
+                s: scan_csv(path, strict, classes, limit)[1:] for s, path in csv_files(self.root).items()
+            }
         else:
             splits = {
-                s: scan_folder(self.root / s, strict, classes)[1:] for s in SPLITS if (self.root / s).is_dir()
+                s: scan_folder(self.root / s, strict, classes, limit)[1:]
+                for s in SPLITS
+                if (self.root / s).is_dir()
             }
+        for s in splits:
+            self._origins[s] = (
+                "split",
+                str(csv_files(self.root)[s]) if self.name == "csv" else f"{self.root / s}/",
+            )
 
         def take(split, indices):
             paths, labels = splits[split]
@@ -251,7 +281,7 @@ class ImageDataModule(L.LightningDataModule):
             )
             del splits["val"]
         if "val" not in splits:
-            tr, va = self._split_off_val(self._strata(splits["train"][1]))
+            tr, va = self._split_off_val(self._strata(splits["train"][1]), self._origins["train"][1])
             splits["val"] = splits["train"]
             take("val", va)
             take("train", tr)
@@ -260,6 +290,7 @@ class ImageDataModule(L.LightningDataModule):
         if "test" not in splits:
             log.warning("%s has no test split: testing on the validation split", self.root)
             splits["test"] = splits["val"]
+            self._origins["test"] = ("val", self._origins["val"][1])
         if self.cfg.get("test_subset"):
             take("test", self._subset(self.cfg["test_subset"], self._strata(splits["test"][1]), 2))
         dataset = TaskImageDataset if self.task else FileImageDataset
@@ -267,6 +298,107 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set = dataset(*splits["train"], self.train_transform())
         self.val_set = dataset(*splits["val"], self.eval_transform())
         self.test_set = dataset(*splits["test"], self.eval_transform())
+        for part in (self.train_set, self.val_set, self.test_set):
+            part.max_pixels = limit
+
+    # -- every split has images, and every class reaches every split (or one warning names those that do not)
+    def empty_split(self, part: str) -> str | None:
+        """Why the split `part` (train, val or test) has no image, as one line that says how to fix it;
+        None when it has images or is not set up yet."""
+        dataset = getattr(self, f"{part}_set")
+        if dataset is None or len(dataset) > 0:
+            return None
+        how, where = self._origins.get(part, ("split", str(self.root)))
+        if how == "val":  # no test split: the test is the val split's
+            part, (how, where) = "val", self._origins["val"]
+        head = f"data: the {part} split is empty"
+        if part == "val" and self._how("test") == "val":
+            head = "data: the val split, which the run also tests on (there is no test split), is empty"
+        if how == "fraction":
+            fraction = float(self.cfg.get("val_fraction", 0.1))
+            if fraction <= 0:
+                return (f"{head}: data.val_fraction=0 puts no image of {where} in val. Set data.val_fraction "
+                        "(e.g. 0.2), or add a val split")  # fmt: skip
+            largest = int(np.unique(self._train_strata(), return_counts=True)[1].max(initial=0))
+            higher = next(
+                (f for f in (0.2, 0.3, 0.4, 0.5) if f > fraction and held_out(largest, f) >= 1), None
+            )
+            fix = f"data.val_fraction={higher}, " if higher else ""
+            return (f"{head}: data.val_fraction={fraction} puts an image of a class in val from "
+                    f"{smallest_held_out(fraction)} images up, and the largest class of {where} has {largest}. "
+                    f"Fix: {fix}more images, or a val split")  # fmt: skip
+        if how == "folds":
+            return (f"{head}: fold {self.cfg.get('fold') or 0} of data.folds={self.cfg['folds']} gets no image of "
+                    f"{where} ({len(self.train_set)} images). Use fewer data.folds, or add images")  # fmt: skip
+        return f"{head}: {where} has no usable image. Add images there"
+
+    def check_splits(self, parts: tuple[str, ...] = ("train", "val", "test")) -> None:
+        """Refuse (UserError, one line) a split among `parts` that has no image. A run calls this when it
+        starts; `setup` already refuses every empty split but a val split that data.val_fraction=0 asked
+        for (code may use the datamodule for its training split alone)."""
+        for part in parts:
+            problem = self.empty_split(part)
+            if problem:
+                raise UserError(problem)
+
+    def _refuse_empty_splits(self, parts: tuple[str, ...]) -> None:
+        # data.val_fraction=0 asks for an empty val split: a run refuses it when it starts (check_splits)
+        asked = self._how("val") == "fraction" and float(self.cfg.get("val_fraction", 0.1)) <= 0
+        for part in parts:
+            if not (asked and self._how(part) in ("fraction", "val")):
+                self.check_splits((part,))
+
+    def _how(self, part: str) -> str:
+        """How a split was made: `split` (files of its own), `fraction` or `folds` (carved out of train),
+        `val` (no test split: the val split is tested on)."""
+        return self._origins.get(part, ("split", ""))[0]
+
+    def _train_strata(self) -> np.ndarray:
+        """The training split's strata (`_strata`), one per image."""
+        if self.standard:
+            return np.asarray(self.train_set.labels)
+        return self._strata(self._train_targets)
+
+    def _warn_missing_classes(self, parts: tuple[str, ...]) -> None:
+        """One warning naming the classes that a split has no image of: its metrics leave them out (a
+        class of one image stays in train only, and a small val_fraction or subset may give a rare class
+        none). Not for task=multilabel|multitask, whose splits are not stratified by class."""
+        if self.task:
+            return
+        gaps: dict[tuple[int, ...], list[str]] = {}
+        for part in parts:
+            dataset = getattr(self, f"{part}_set")
+            if dataset is not None and len(dataset) > 0:
+                missing = tuple(missing_classes(np.asarray(dataset.labels), self.num_classes))
+                if missing:
+                    gaps.setdefault(missing, []).append(part)
+        if not gaps:
+            return
+        listing = "; ".join(
+            f"{' and '.join(lack)} {'lacks' if len(lack) == 1 else 'lack'} {[self.classes[c] for c in missing]}"
+            for missing, lack in gaps.items()
+        )
+        fixes = [] if self.standard else ["add images to those classes"]
+        fraction = float(self.cfg.get("val_fraction", 0.1))
+        need = smallest_held_out(fraction) if self._how("val") == "fraction" else None
+        unheld = [c for missing, lack in gaps.items() if "val" in lack for c in missing]
+        if need and (np.bincount(self.train_labels(), minlength=self.num_classes)[unheld] < need).any():
+            fixes.append(
+                f"raise data.val_fraction (at {fraction} a class gives val one image from {need} images)"
+            )
+        lacking = {p for lack in gaps.values() for p in lack}
+        fixes += [
+            f"raise data.{p}_subset"
+            for p in ("train", "val", "test")
+            if p in lacking and self.cfg.get(f"{p}_subset")
+        ]
+        if not self.standard:
+            fixes.append("give val and test splits of their own")
+        log.warning(
+            "data: some classes have no image in a split, so its metrics leave them out: %s. Fix: %s",
+            listing,
+            ", or ".join(fixes),
+        )
 
     def _strata(self, labels: list) -> np.ndarray:
         """What splits and subsets stratify on: the class; for a task, its first multiclass head's
@@ -387,6 +519,7 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_skip_none,  # file-backed and cached datasets give None for unreadable items
             drop_last=False,
+            worker_init_fn=ignore_interrupts,  # a signal to the process group is the main process's to handle
         )
 
     def train_labels(self) -> np.ndarray:

@@ -1,15 +1,18 @@
 """Image files on disk: scanning folders and CSV lists, checking each file, decoding it to RGB.
 
-Bad files (wrong extension, empty, missing, undecodable, truncated JPEG) are found at setup and
-listed by path, then skipped with a warning, or refused with `data.strict=true`.
+Bad files (wrong extension, empty, missing, a folder, a symlink loop, undecodable, truncated JPEG,
+more pixels than `data.max_pixels`) are found at setup and listed by path, then skipped with a
+warning, or refused with `data.strict=true`.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from visiontune.data.images import to_rgb
+from visiontune.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, open_checked, to_rgb
 from visiontune.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -26,17 +29,21 @@ SPLITS = ("train", "val", "test")
 MAX_LISTED = 50  # bad files named one by one in a report; the rest are counted
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Any mode (L, RGBA, P, I;16, CMYK) to RGB, with EXIF orientation applied.
+def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Any mode (L, RGBA, P, I;16, CMYK) to RGB, with EXIF orientation applied; more than `max_pixels`
+    pixels (None = no limit) is refused (ImageTooLarge) before decoding.
 
     The conversion is `visiontune.data.images.to_rgb`, the one a deployment (preprocess.json) runs too.
     """
-    with Image.open(path) as img:
+    with open_checked(path, max_pixels) as img:
         return to_rgb(img)
 
 
 class FileImageDataset(Dataset):
-    """Image files with labels. A file that fails to decode mid-run is skipped with a warning."""
+    """Image files with labels. A file that fails to decode mid-run (or has grown past `max_pixels`
+    since the scan) is skipped with a warning."""
+
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __init__(self, paths: list[str], labels: list[int], transform=None):
         self.paths, self.labels, self.transform = paths, np.asarray(labels, dtype=np.int64), transform
@@ -46,7 +53,7 @@ class FileImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            image = load_image(self.paths[i])
+            image = load_image(self.paths[i], self.max_pixels)
         except Exception as exc:
             warnings.warn(f"skipping unreadable image {self.paths[i]}: {exc}", stacklevel=1)
             return None
@@ -76,17 +83,36 @@ def collate_skip_none(batch):
     return torch.utils.data.default_collate(samples)
 
 
-def check_image(path: Path) -> str | None:
-    """Why `path` is not a usable image, or None. Header check plus a JPEG end-marker check."""
-    if not path.is_file():
-        return "missing"
+def not_a_file(path: Path) -> str | None:
+    """Why `path` is no regular file (missing, a folder, a symlink loop, a broken symlink), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "unreadable: a symlink loop (the link leads back to itself)"
+        if os.path.islink(path):
+            return f"unreadable: a broken symlink (its target {os.readlink(path)} does not exist)"
+        return "missing" if exc.errno == errno.ENOENT else f"unreadable ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not an image file"
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def check_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why `path` is not a usable image, or None. Header check (with the pixel limit, None = none) plus
+    a JPEG end-marker check."""
+    problem = not_a_file(path)
+    if problem:
+        return problem
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return "not an image file"
     if path.stat().st_size == 0:
         return "empty file"
     try:
-        with Image.open(path) as img:
+        with open_checked(path, max_pixels) as img:
             img.verify()
+    except ImageTooLarge as exc:
+        return f"too large: {exc}; not decoded"
     except Exception as exc:
         return f"unreadable ({type(exc).__name__})"
     if path.suffix.lower() in (".jpg", ".jpeg"):
@@ -98,12 +124,16 @@ def check_image(path: Path) -> str | None:
 
 
 def drop_bad_files(
-    paths: list[str], labels: list[int], where: Path, strict: bool
+    paths: list[str],
+    labels: list[int],
+    where: Path,
+    strict: bool,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[list[str], list[int]]:
     """The usable (paths, labels). Bad files are listed by path, then skipped (warning) or fatal (strict)."""
     good_paths, good_labels, bad = [], [], []
     for path, label in zip(paths, labels, strict=True):
-        problem = check_image(Path(path))
+        problem = check_image(Path(path), max_pixels)
         if problem:
             bad.append(f"{path} ({problem})")
         else:
@@ -139,7 +169,7 @@ def _empty_classes(where: Path, labels: list[int], classes: list[str], what: str
 
 
 def scan_folder(
-    root: Path, strict: bool, classes: list[str] | None = None
+    root: Path, strict: bool, classes: list[str] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> tuple[list[str], list[str], list[int]]:
     """(classes, paths, labels) of `root/<class>/*`; bad files are reported, then skipped or fatal."""
     if not root.is_dir():
@@ -158,7 +188,7 @@ def scan_folder(
             files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
             paths += [str(p) for p in files]
             labels += [label] * len(files)
-    paths, labels = drop_bad_files(paths, labels, root, strict)
+    paths, labels = drop_bad_files(paths, labels, root, strict, max_pixels)
     if found == classes:
         _empty_classes(root, labels, classes, "class folders")
     return classes, paths, labels
@@ -202,7 +232,10 @@ def read_csv_list(csv_path: Path) -> tuple[list[str], list[str]]:
 
 
 def scan_csv(
-    csv_path: Path, strict: bool, classes: list[str] | None = None
+    csv_path: Path,
+    strict: bool,
+    classes: list[str] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[list[str], list[str], list[int]]:
     """(classes, paths, labels) of a `path,label` CSV; bad files are reported, then skipped or fatal."""
     paths, names = read_csv_list(csv_path)
@@ -211,7 +244,7 @@ def scan_csv(
     else:
         _unknown_classes(csv_path, names, classes, "the training CSV")
     index = {c: i for i, c in enumerate(classes)}
-    paths, labels = drop_bad_files(paths, [index[n] for n in names], csv_path, strict)
+    paths, labels = drop_bad_files(paths, [index[n] for n in names], csv_path, strict, max_pixels)
     if set(names) == set(classes):
         _empty_classes(csv_path, labels, classes, "classes")
     return classes, paths, labels
@@ -371,8 +404,9 @@ def encode_targets(csv_path: Path, values: dict, heads: list[dict], train: str) 
 
 
 def scan_task_csv(csv_path: Path, strict: bool, heads: list[dict], sep: str, multitask: bool,
-                  train: str = "the training CSV") -> tuple[list[str], list[dict]]:  # fmt: skip
+                  train: str = "the training CSV",
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[list[str], list[dict]]:  # fmt: skip
     """(paths, targets) of a multilabel or multitask CSV; bad files are reported, then skipped or fatal."""
     paths, values = read_task_csv(csv_path, heads, sep, multitask)
     targets = encode_targets(csv_path, values, heads, train)
-    return drop_bad_files(paths, targets, csv_path, strict)
+    return drop_bad_files(paths, targets, csv_path, strict, max_pixels)

@@ -12,6 +12,7 @@ uint8 (N, C, H, W) with C = 1 (grey) or 3 (colour), and int64 labels indexing `c
 
 from __future__ import annotations
 
+import functools
 import gzip
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +96,14 @@ _fashion_download = torchvision_loader(
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file's array (read-only). A process unpacks each file once while it stays unchanged: sweeps
+    and tests build many runs in one process, and each would gunzip the 26 MB of training images again."""
+    stat = path.stat()
+    return _unpack_idx(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _unpack_idx(path: str, mtime_ns: int, size: int) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]

@@ -50,6 +50,11 @@ def head_columns(spec: dict, with_target: bool, topk: int = 0) -> list[str]:
     return columns
 
 
+def ranked(p: list[float]) -> list[int]:
+    """The indices of `p`, most probable first (equal ones in their order)."""
+    return sorted(range(len(p)), key=lambda i: -p[i])
+
+
 def decide(probs, spec: dict) -> dict:
     """One image's probabilities (the heads side by side) -> {head: (label, prob)} for a multiclass
     head, {head: [(label, prob), ...]} (above the head's thresholds, most probable first) for a multilabel one."""
@@ -57,13 +62,11 @@ def decide(probs, spec: dict) -> dict:
     out = {}
     for h in spec["heads"]:
         p = probs[h["start"] : h["stop"]]
+        order = ranked(p)
         if h["kind"] == "multiclass":
-            best = max(range(len(p)), key=lambda i: p[i])
-            out[h["name"]] = (h["classes"][best], p[best])
+            out[h["name"]] = (h["classes"][order[0]], p[order[0]])
         else:
-            chosen = [i for i, (q, t) in enumerate(zip(p, h["thresholds"], strict=True)) if q >= t]
-            chosen.sort(key=lambda i: -p[i])
-            out[h["name"]] = [(h["classes"][i], p[i]) for i in chosen]
+            out[h["name"]] = [(h["classes"][i], p[i]) for i in order if p[i] >= h["thresholds"][i]]
     return out
 
 
@@ -114,7 +117,7 @@ def describe(probs, spec: dict, topk: int = 5) -> dict:
     out = {}
     for h in spec["heads"]:
         p = [float(x) for x in probs[h["start"] : h["stop"]]]
-        order = sorted(range(len(p)), key=lambda i: -p[i])
+        order = ranked(p)
         if h["kind"] == "multiclass":
             top = [{"label": h["classes"][i], "prob": p[i]} for i in order[:topk]]
             out[h["name"]] = {"label": top[0]["label"], "prob": top[0]["prob"], "topk": top}

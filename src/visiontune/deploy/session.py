@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from visiontune.data.indexed import Indexed
+from visiontune.data.workers import ignore_interrupts
 from visiontune.deploy.inference import check_class_names
 from visiontune.deploy.outputs import spec_heads, task_spec
 from visiontune.deploy.preprocess import load_spec, make_spec, preprocess_image
@@ -139,6 +140,7 @@ def indexed_loader(dataset, like: DataLoader | None = None, batch_size: int = 64
         num_workers=like.num_workers if like is not None else 0,
         shuffle=False,
         collate_fn=_collate_present,
+        worker_init_fn=ignore_interrupts,
     )
 
 

@@ -14,7 +14,7 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
-from visiontune.models.heads import tempered_softmax as scaled_probs  # softmax(logits / T), float32
+from visiontune.models.heads import tempered_softmax  # softmax(logits / T), float32
 
 ECE_BINS = 15
 
@@ -29,7 +29,7 @@ def classification_metrics(
     """
     logits, targets = logits.float(), targets.long()
     num_classes = logits.shape[1]
-    probs = scaled_probs(logits, temperature)
+    probs = tempered_softmax(logits, temperature)
     metrics = {
         "acc": multiclass_accuracy(logits, targets, num_classes, average="micro"),
         "loss": F.cross_entropy(logits, targets),
@@ -86,5 +86,5 @@ def nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -
 
 
 def ece(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
-    probs = scaled_probs(logits, temperature)
+    probs = tempered_softmax(logits, temperature)
     return float(multiclass_calibration_error(probs, targets.long(), probs.shape[1], n_bins=ECE_BINS))

@@ -79,7 +79,7 @@ def write_csv(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
             return value
         return "" if math.isnan(value) else f"{value:.4f}"
 
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # names as their bytes
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({k: cell(v) for k, v in row.items()} for row in rows)

@@ -5,8 +5,11 @@ How a study works:
   (see `trial.py`) and the run dir `<sweep dir>/<trial number>` (`<number>_fold<i>` with CV).
 - Sharing and resuming: the study lives in `storage` (a database URL or a journal file; by default
   `<sweep dir>/optuna.journal`). The sweeper asks only for `n_trials` minus the trials the study
-  already has, so re-running a command continues its study, and several sweepers (a SLURM array)
-  can share one study.
+  already has (`storage.counted`), so re-running a command continues its study, and several
+  sweepers (a SLURM array) can share one study.
+- Killed sweepers: with a database storage, the sweeper keeps a heartbeat for the trials it runs; a
+  RUNNING trial whose heartbeat stopped is failed and retried (`storage.fail_stale`, when the study
+  is loaded and after every batch); the retry takes its place in `n_trials`.
 - Outcome: a job that raises or exits is a FAIL trial (the study goes on); one whose run dir's
   `optuna_trial.json` says PRUNED is PRUNED; otherwise the task's return value completes it. With
   `cv_folds=K`, a trial is K jobs (`data.folds=K data.fold=i`) and Optuna gets the mean.
@@ -19,6 +22,7 @@ import math
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from visiontune.errors import UserError
-from visiontune.sweeper import outputs, space, storage
+from visiontune.sweeper import outputs, preflight, space, storage
 from visiontune.sweeper.trial import read_record, record
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,9 @@ class OptunaSweeper(Sweeper):
         pruner_startup_trials: int = 5,
         pruner_min_epochs: int = 1,
         cv_folds: int | None = None,
+        heartbeat_interval: int | None = 60,
+        grace_period: int | None = 180,
+        max_retry: int | None = 2,
         params: Any = None,
     ):
         self.study_name = str(study_name)
@@ -82,6 +89,9 @@ class OptunaSweeper(Sweeper):
             "min_epochs": int(pruner_min_epochs),
         }
         self.cv_folds = cv_folds
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.max_retry = max_retry
         self.params = dict(params or {})
         self.job_idx = 0
 
@@ -103,23 +113,25 @@ class OptunaSweeper(Sweeper):
             sys.exit(2)
 
     def run_study(self, arguments: list[str]) -> list:
-        import optuna
-
+        optuna = preflight.require_optuna()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweeper logs its own one-liners
         self.check_settings()
+        preflight.check_launcher(self.config)
         self.space, self.fixed = space.parse(self.params, arguments, self.config)
         self.check_space()
         self.sweep_dir = Path(self.config.hydra.sweep.dir)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
         self.storage_spec = storage.resolve(self.storage, self.sweep_dir)
-        study = self.load_study(storage.open_storage(self.storage_spec))
+        self.store = storage.open_storage(self.storage_spec, self.heartbeat())
+        study = self.load_study(self.store)
 
         returns = []
-        while (remaining := self.n_trials - len(study.get_trials(deepcopy=False))) > 0:
+        while (remaining := self.n_trials - len(storage.counted(study.get_trials(deepcopy=False)))) > 0:
             trials = self.ask(study, min(remaining, self.trials_per_batch()))
             if trials:
                 returns.append(self.run_batch(study, trials))
+            self.fail_stale(study)
         outputs.write(study, self.sweep_dir, self.best_command)
         return returns
 
@@ -136,6 +148,22 @@ class OptunaSweeper(Sweeper):
             )
         if self.cv_folds is not None and (not isinstance(self.cv_folds, int) or self.cv_folds < 2):
             raise UserError(f"hydra.sweeper.cv_folds={self.cv_folds}: give K >= 2, or null for no CV")
+        for key, allowed in (
+            ("heartbeat_interval", "a whole number of seconds >= 1, or null for no heartbeats"),
+            ("grace_period", "a whole number of seconds >= 1, or null for twice heartbeat_interval"),
+            ("max_retry", "a whole number >= 0, or null to retry a killed trial every time"),
+        ):
+            value = getattr(self, key)
+            low = 0 if key == "max_retry" else 1
+            if value is not None and not (
+                isinstance(value, int) and not isinstance(value, bool) and value >= low
+            ):
+                raise UserError(f"hydra.sweeper.{key}={value}: give {allowed}")
+        if self.heartbeat_interval and self.grace_period and self.grace_period <= self.heartbeat_interval:
+            raise UserError(
+                f"hydra.sweeper.grace_period={self.grace_period} is not longer than heartbeat_interval="
+                f"{self.heartbeat_interval}: a live trial would look killed between two heartbeats; raise it"
+            )
         mode = OmegaConf.select(self.config, "callbacks.checkpoint.mode", default=None)
         if (
             self.pruner != "none"
@@ -184,6 +212,8 @@ class OptunaSweeper(Sweeper):
                 f"use hydra.sweeper.direction={study.direction.name.lower()} or another study_name"
             )
         self.check_space_matches(study)
+        self.fail_stale(study)
+        self.warn_running(study)
         done = len(study.get_trials(deepcopy=False))
         study.sampler = self.make_sampler(seed_offset=done + int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
         study.pruner = storage.make_pruner(**self.pruner_spec)
@@ -193,12 +223,42 @@ class OptunaSweeper(Sweeper):
                 "optuna study '%s' (%s) has %d trials: continuing to %d",
                 self.study_name,
                 where,
-                done,
+                len(storage.counted(study.get_trials(deepcopy=False))),
                 self.n_trials,
             )
         else:
             log.info("optuna study '%s' (%s): %d trials", self.study_name, where, self.n_trials)
         return study
+
+    def heartbeat(self) -> storage.Heartbeat | None:
+        if not self.heartbeat_interval:
+            return None
+        return storage.Heartbeat(self.heartbeat_interval, self.grace_period, self.max_retry)
+
+    def fail_stale(self, study) -> None:
+        """Fail (and retry) a killed sweeper's trials: RUNNING, with no heartbeat for the grace period."""
+        if not storage.has_heartbeat(self.store):
+            return
+        for number, retry in storage.fail_stale(study):
+            again = f"retried as trial {retry}" if retry is not None else "not retried (max_retry)"
+            log.warning("optuna trial %d had no heartbeat (its sweeper was killed): FAIL, %s", number, again)
+
+    def warn_running(self, study) -> None:
+        """Without heartbeats, say so when the study holds RUNNING trials at the start: another live
+        worker's, or a killed sweeper's, which stay RUNNING and count toward n_trials."""
+        if storage.has_heartbeat(self.store):
+            return
+        running = [t.number for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
+        if running:
+            fix = (
+                "set hydra.sweeper.heartbeat_interval"
+                if storage.is_database(self.storage_spec)
+                else "use a database storage (hydra.sweeper.storage=sqlite:///study.db)"
+            )
+            log.warning(
+                "optuna trials %s are RUNNING: another worker's, or a killed sweeper's, which stay RUNNING and "
+                "count toward n_trials; to have killed trials failed and retried, %s", running, fix,
+            )  # fmt: skip
 
     def check_space_matches(self, study) -> None:
         """A continued study keeps each parameter's kind, log scale and choices (Optuna refuses a change)."""
@@ -246,14 +306,20 @@ class OptunaSweeper(Sweeper):
         return max(1, math.ceil(n / (self.cv_folds or 1)))
 
     def ask(self, study, k: int) -> list:
-        """k new trials; one numbered past n_trials (another worker asked at the same time) fails at once."""
+        """k trials (retries of killed trials first); one past n_trials (another worker asked at the same
+        time) fails at once."""
         import optuna
 
         trials = []
         distributions = {p.name: p.distribution for p in self.space}
         for _ in range(k):
-            trial = study.ask(fixed_distributions=distributions)
-            if trial.number >= self.n_trials:
+            with warnings.catch_warnings():  # Optuna warns that heartbeats are meant for study.optimize
+                warnings.simplefilter("ignore", UserWarning)
+                trial = study.ask(fixed_distributions=distributions)
+            if storage.has_heartbeat(self.store):  # at once: a sweeper killed before its batch starts
+                self.store.record_heartbeat(trial._trial_id)
+            ahead = storage.counted(study.get_trials(deepcopy=False))
+            if sum(t.number < trial.number for t in ahead) >= self.n_trials:
                 trial.set_user_attr("surplus", True)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 log.warning(
@@ -299,7 +365,9 @@ class OptunaSweeper(Sweeper):
                     problems[trial.number] = f"its config does not compose: {space.first_line(exc)}"
             if trial.number not in problems:
                 batch.extend(overrides for _, overrides in jobs)
-        results = self.launch(batch)
+        trial_ids = [trial._trial_id for trial in trials]
+        with storage.heartbeats(self.store, trial_ids, self.heartbeat_interval or 0):
+            results = self.launch(batch)
         returns = iter(results)
         for trial, jobs in plan:
             rets = [None] * len(jobs) if trial.number in problems else [next(returns) for _ in jobs]
@@ -327,7 +395,14 @@ class OptunaSweeper(Sweeper):
             run_dir(ret, self.sweep_dir / subdir) for (subdir, _), ret in zip(jobs, rets, strict=True)
         ]
         state, value, reason = outcome(rets, run_dirs, problem)
-        study.tell(trial, value, state=getattr(optuna.trial.TrialState, state))
+        already = self.store.get_trial(trial._trial_id).state
+        if already.is_finished():  # failed as stale meanwhile: its heartbeats came too late
+            log.warning(
+                "optuna trial %d was marked %s while it ran (its heartbeat was late): its %s is not recorded; "
+                "raise hydra.sweeper.grace_period", trial.number, already.name, state,
+            )  # fmt: skip
+            return
+        study.tell(trial, value, state=getattr(optuna.trial.TrialState, state), skip_if_finished=True)
         if state == "PRUNED":  # Optuna keeps the last reported value
             value = next(
                 (read_record(d).get("value") for d in run_dirs if read_record(d).get("value") is not None),

@@ -1,19 +1,45 @@
-"""Where a study lives (a database URL or a journal file), and the pruners by name.
+"""Where a study lives (a database URL or a journal file), its heartbeats, and the pruners by name.
 
 A value with `://` is a SQLAlchemy URL (`sqlite:///study.db`, `postgresql://...`); anything else is
 the path of an Optuna journal file, which works on a shared cluster file system where SQLite's
 locking does not.
+
+Heartbeats (a database only: Optuna's journal storage has none): the sweeper records one for each
+trial it runs, every `interval` seconds, from its own process (`heartbeats`). A RUNNING trial whose
+last heartbeat is older than the grace period belonged to a sweeper that was killed: `fail_stale`
+marks it FAIL, and Optuna's retry callback adds a WAITING copy with the same parameters, which the
+next `ask` runs (at most `max_retry` times per trial). `counted` says which trials fill `n_trials`.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from visiontune.errors import UserError
 from visiontune.sweeper.space import first_line
 
+log = logging.getLogger(__name__)
 DEFAULT_JOURNAL = "optuna.journal"
 PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Seconds between a running trial's heartbeats, seconds without one before it is stale, retries."""
+
+    interval: int
+    grace_period: int | None = None  # None: Optuna's default, 2 * interval
+    max_retry: int | None = None  # None: a killed trial is retried every time
+
+
+def is_database(spec: str) -> bool:
+    return "://" in spec
 
 
 def resolve(spec: str | None, sweep_dir: Path) -> str:
@@ -24,7 +50,7 @@ def resolve(spec: str | None, sweep_dir: Path) -> str:
     if not spec:
         return str((sweep_dir / DEFAULT_JOURNAL).resolve())
     spec = str(spec)
-    if "://" not in spec:
+    if not is_database(spec):
         return str(Path(spec).expanduser().resolve())
     if spec in ("sqlite://", "sqlite:///:memory:"):
         raise UserError(
@@ -36,19 +62,24 @@ def resolve(spec: str | None, sweep_dir: Path) -> str:
     return spec
 
 
-def open_storage(spec: str):
-    """An Optuna storage for a resolved `spec`; UserError (one line) when it cannot be opened."""
+def open_storage(spec: str, heartbeat: Heartbeat | None = None):
+    """An Optuna storage for a resolved `spec`; UserError (one line) when it cannot be opened.
+
+    `heartbeat` applies to a database; a journal file has no heartbeats and ignores it.
+    """
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     try:
-        if "://" not in spec:
+        if not is_database(spec):
             if not Path(spec).parent.is_dir():
                 raise UserError(f"cannot open the journal file '{spec}': its folder does not exist")
             return JournalStorage(JournalFileBackend(spec))
         # SQLite: wait for the file lock instead of failing when two workers write at once
         engine = {"connect_args": {"timeout": 60}} if spec.startswith("sqlite") else {"pool_pre_ping": True}
-        return optuna.storages.RDBStorage(spec, engine_kwargs=engine)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(spec, engine_kwargs=engine, **heartbeat_arguments(heartbeat))
     except UserError:
         raise
     except Exception as exc:  # SQLAlchemy, driver and OS errors all mean the same to the user
@@ -56,6 +87,87 @@ def open_storage(spec: str):
             f"cannot open the study storage '{spec}': {first_line(exc)} "
             "(give a database URL such as sqlite:///path/to/study.db, or a journal file path)"
         ) from None
+
+
+def heartbeat_arguments(heartbeat: Heartbeat | None) -> dict:
+    """RDBStorage's heartbeat keywords, with Optuna's retry callback (under its Optuna >= 4.9 name when
+    there is one)."""
+    if heartbeat is None:
+        return {}
+    from optuna import storages
+
+    new = hasattr(storages, "RetryHeartbeatStaleTrialCallback")
+    retry = storages.RetryHeartbeatStaleTrialCallback if new else storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental (and, under the old name, deprecated)
+        callback = retry(max_retry=heartbeat.max_retry)
+    key = "heartbeat_stale_trial_callback" if new else "failed_trial_callback"
+    return {"heartbeat_interval": heartbeat.interval, "grace_period": heartbeat.grace_period, key: callback}
+
+
+def has_heartbeat(store) -> bool:
+    """Whether `store` (as open_storage made it) records heartbeats."""
+    return getattr(store, "heartbeat_interval", None) is not None
+
+
+def fail_stale(study) -> list[tuple[int, int | None]]:
+    """Mark FAIL the RUNNING trials whose heartbeat is too old (their sweeper was killed), through
+    Optuna's `fail_stale_trials`, whose retry callback adds a WAITING copy of each one not retried
+    `max_retry` times yet. Returns (stale trial, its retry or None) pairs."""
+    import optuna
+
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    if not running:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    retries = {
+        t.system_attrs["retry_history"][-1]: t.number
+        for t in trials
+        if t.state == optuna.trial.TrialState.WAITING and t.system_attrs.get("retry_history")
+    }
+    failed = [t.number for t in trials if t.number in running and t.state == optuna.trial.TrialState.FAIL]
+    return [(n, retries.get(n)) for n in failed]
+
+
+def counted(trials: list) -> list:
+    """The trials that fill `n_trials`: every trial except WAITING ones (not started yet) and stale
+    ones that were retried (their retry stands in for them). Failed, pruned and running ones count."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    return [t for t in trials if t.state.name != "WAITING" and t.number not in retried]
+
+
+@contextmanager
+def heartbeats(store, trial_ids: list[int], interval: int) -> Iterator[None]:
+    """Record a heartbeat for each trial now and every `interval` seconds until the block ends.
+
+    From the sweeper's process, which outlives each job: when the sweeper is killed, its trials'
+    heartbeats stop, and the next sweeper on the study fails and retries them.
+    """
+    if not has_heartbeat(store) or not trial_ids:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            for trial_id in trial_ids:
+                try:
+                    store.record_heartbeat(trial_id)
+                except Exception as exc:  # a locked or unreachable database: the next beat may pass
+                    log.warning("optuna heartbeat not recorded: %s", first_line(exc))
+
+    for trial_id in trial_ids:
+        store.record_heartbeat(trial_id)
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def make_pruner(name: str, startup_trials: int, min_epochs: int):

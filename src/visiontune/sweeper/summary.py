@@ -1,6 +1,9 @@
-"""Hydra callback: after a multirun, one summary of every run's overrides and metrics.
+"""Hydra callback: during and after a multirun, one summary of every finished run's overrides and metrics.
 
-Registered in conf/hydra/default.yaml; writes, in the sweep dir:
+Registered in conf/hydra/default.yaml. It writes the summary after every job as well as at the end,
+so the runs that finished are summarised even when a later job ends the sweep (an error that exits,
+a crash, a kill). Each file is replaced whole (written aside, then renamed), so the parallel jobs of
+a launcher never leave a half-written one. In the sweep dir:
 - summary.csv and summary.json: one row per run (with its Optuna trial and state in an Optuna sweep);
 - summary_cv.csv and summary_cv.json, when runs differ only in `data.fold` (k-fold CV, e.g.
   `-m data.folds=5 data.fold=0,1,2,3,4`, or an Optuna sweep with `hydra.sweeper.cv_folds=5`): per
@@ -10,8 +13,10 @@ Registered in conf/hydra/default.yaml; writes, in the sweep dir:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import os
 import statistics
 from pathlib import Path
 
@@ -38,7 +43,10 @@ def collect_runs(sweep_dir: Path) -> list[dict]:
     rows = []
     for metrics_file in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: natural_key(p.parent.name)):
         run_dir = metrics_file.parent
-        metrics = json.loads(metrics_file.read_text())
+        try:
+            metrics = json.loads(metrics_file.read_text())
+        except (OSError, ValueError):  # being written by a parallel job: the next summary has it
+            continue
         row = {"run": run_dir.name, "overrides": " ".join(run_overrides(run_dir))}
         row.update({k: metrics.get(k) for k in KEYS})
         trial = read_record(run_dir)
@@ -88,14 +96,24 @@ def is_number(value) -> bool:
 
 def write_rows(rows: list[dict], csv_path: Path) -> None:
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    csv_path.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    replace_text(csv_path, text.getvalue())
+    replace_text(csv_path.with_suffix(".json"), json.dumps(rows, indent=2))
 
 
-def write_summary(sweep_dir: Path) -> Path | None:
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` whole: into a file of this process beside it, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_summary(sweep_dir: Path, report: bool = True) -> Path | None:
+    """summary.csv/.json (and summary_cv.csv/.json) of the runs with a metrics.json; `report` logs the CV means."""
     rows = collect_runs(sweep_dir)
     if not rows:
         return None
@@ -103,7 +121,7 @@ def write_summary(sweep_dir: Path) -> Path | None:
     cv = cv_groups(rows)
     if cv:
         write_rows(cv, sweep_dir / "summary_cv.csv")
-        for group in cv:
+        for group in cv if report else ():
             mean, std = group.get("val/acc_mean"), group.get("val/acc_std")
             if mean is not None:
                 log.info("%d folds [%s]: val/acc %.4f +- %.4f", group["folds"], group["overrides"], mean, std)
@@ -111,6 +129,13 @@ def write_summary(sweep_dir: Path) -> Path | None:
 
 
 class SweepSummary(Callback):
+    def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
+        """After each job of a multirun (in the job's process): the summary of the runs finished so far."""
+        from hydra.types import RunMode
+
+        if config.hydra.mode == RunMode.MULTIRUN:
+            write_summary(Path(config.hydra.sweep.dir), report=False)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         path = write_summary(Path(config.hydra.sweep.dir))
         if path:

@@ -47,7 +47,14 @@ class TrialReporter:
         trial = self._load()
         if trial is None:
             return False
-        trial.report(float(value), step)
+        import optuna
+
+        try:
+            trial.report(float(value), step)
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale: its sweeper was killed
+            log.warning("optuna trial %d was finished meanwhile: not reporting to it", self.number)
+            self._trial = None
+            return False
         if not trial.should_prune():
             return False
         record(self.run_dir, state="PRUNED", number=self.number, step=step, value=float(value))

@@ -10,6 +10,9 @@
 - `ResumeMidEpoch`: the position within the epoch, in every checkpoint, so that resume is exact.
 - `RunClock`: counts the images and epochs trained in this process (so throughput after a resume is
   honest), and prints one plain line per epoch when stdout is not a terminal.
+- `ReadCheck`: no false success on data that breaks mid-run. An epoch (training or validation) or the
+  test that reads too few of its images ends the run in one line, before its metrics are logged or its
+  checkpoints written; an empty split is refused before anything trains.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -173,11 +177,24 @@ class SaveOnInterrupt(L.Callback):
             signal.signal(signal.SIGINT, self._previous_sigint)
         self._previous_sigint = None
 
+    def _stopping_on(self, trainer: L.Trainer) -> signal.Signals | None:
+        """The signal this process is stopping on, before it has reached the end of its batch."""
+        if trainer.received_sigterm:
+            return signal.SIGTERM
+        return signal.SIGINT if self._sigint_pending else None
+
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self.signal = next((s for t, s in INTERRUPTS.items() if isinstance(exception, t)), None)
         self._restore_sigint()
+        if self.signal is None and worker_died(exception):
+            # a DataLoader worker died while this process was stopping (it got the signal too, before it
+            # could ignore it): the stop goes on, as the interrupt it is
+            self.signal = self._stopping_on(trainer)
+            progress = trainer.fit_loop.epoch_loop.batch_progress.current
+            if self.signal and progress.started > progress.completed:
+                return  # it broke into a batch: a half-done step is no state to resume from
         if isinstance(exception, UserError):  # bad input (a full disk, bad data): nothing to save, no advice
             return
         if self.signal is None and trainer.world_size > 1:
@@ -191,6 +208,11 @@ class SaveOnInterrupt(L.Callback):
             log.error("could not save %s: %s", path, exc)
             return
         self.saved = path
+
+
+def worker_died(exception: BaseException) -> bool:
+    """Whether `exception` is PyTorch's report of a DataLoader worker process that died."""
+    return isinstance(exception, RuntimeError) and "DataLoader worker (pid" in str(exception)
 
 
 class ResumeMidEpoch(L.Callback):
@@ -292,6 +314,121 @@ class RunClock(L.Callback):
             file=sys.stdout,
             flush=True,
         )
+
+
+class ReadCheck(L.Callback):
+    """Every training and validation epoch, and the test, reads at least `min_fraction` of the images it
+    asks its loader for, and at least one; otherwise the run ends with a UserError that names the split,
+    the epoch and the counts.
+
+    An image file that cannot be read mid-run is skipped (`data.files.collate_skip_none`; the feature
+    cache skips its NaN rows alike), so its batch comes out shorter, or as None when every file of it
+    failed. Without this check a run whose files broke would train on nothing, log the last measured
+    metrics again as new ones, and exit 0. Batch `b` of a pass asks for `min(batch_size, n - b * batch_size)`
+    images, `n` being the loader's sampler length: this counts only the batches that run, so
+    limit_*_batches, max_steps and a mid-epoch resume (whose batch indices go on from where it stopped)
+    ask for what they read. Under DDP each rank counts its own share (the sampler's length per rank) and
+    the counts are summed over the ranks, which all decide alike. The sanity check is not counted.
+
+    Hook order: the training count is checked after the epoch's last training batch, before its
+    validation runs; the validation and test counts in `on_*_epoch_end`, which Lightning calls before it
+    logs the epoch's metrics and before ModelCheckpoint saves (checkpoint callbacks come last). So a
+    broken epoch logs no metrics and writes no checkpoint: `last.ckpt` stays that of the last good epoch.
+
+    At the start of fit (and of test) the datamodule's splits must have images
+    (`ImageDataModule.check_splits`): the test split only when `test` says the run will test.
+    """
+
+    def __init__(self, min_fraction: float, ckpt_dir: Path, test: bool = True):
+        self.min_fraction = float(min_fraction)
+        self.ckpt_dir = Path(ckpt_dir)
+        self.test = test
+        self._read = {"train": 0, "val": 0, "test": 0}
+        self._asked = {"train": 0, "val": 0, "test": 0}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check = getattr(trainer.datamodule, "check_splits", None)
+        if check is None:
+            return
+        if stage == "fit":
+            validates = trainer.limit_val_batches != 0
+            check(("train", *(("val",) if validates else ()), *(("test",) if self.test else ())))
+        elif stage == "test":
+            check(("test",))
+
+    # -- counting
+    def _reset(self, split: str) -> None:
+        self._read[split] = self._asked[split] = 0
+
+    def _count(self, split: str, loader, batch, batch_idx: int) -> None:
+        read = 0 if batch is None else len(batch[0])
+        self._read[split] += read
+        size = getattr(loader, "batch_size", None)
+        try:
+            n = len(loader.sampler)
+        except (AttributeError, TypeError):  # no sampler length: what was read is all it asked for
+            n = size = None
+        self._asked[split] += read if not size else max(0, min(size, n - batch_idx * size))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._reset("train")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._count("train", trainer.train_dataloader, batch, batch_idx)
+        max_steps = trainer.max_steps
+        last = batch_idx + 1 >= trainer.num_training_batches or 0 < max_steps <= trainer.global_step
+        if last:  # before the epoch's validation runs
+            self._check("train", trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check("train", trainer, pl_module)  # an epoch ended in another way (every rank calls this)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._reset("val")
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._count("val", _loader(trainer.val_dataloaders, dataloader_idx), batch, batch_idx)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._check("val", trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._reset("test")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count("test", _loader(trainer.test_dataloaders, dataloader_idx), batch, batch_idx)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._check("test", trainer, pl_module)
+
+    # -- the check
+    def _check(self, split: str, trainer, pl_module) -> None:
+        read, asked = self._read[split], self._asked[split]
+        if trainer.world_size > 1:  # every rank takes part, so every rank decides alike
+            counts = torch.tensor([read, asked], dtype=torch.float64, device=pl_module.device)
+            read, asked = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum").tolist())
+        if asked == 0 or (read > 0 and read >= self.min_fraction * asked):
+            return
+        if split == "test":
+            when, best = "when testing", self.ckpt_dir / "best.ckpt"
+            then = f"test it with visiontune-eval ckpt_path={best}" if best.is_file() else "test again"
+        else:
+            when, last = f"in epoch {trainer.current_epoch}", self.ckpt_dir / "last.ckpt"
+            then = f"resume from the last good epoch with ckpt_path={last}" if last.is_file() else "run again"
+        short = "none of them" if read == 0 else f"under data.min_read_fraction={self.min_fraction:g}"
+        raise UserError(
+            f"data: the {split} split read {read} of {asked} images {when} ({short}): its image files became "
+            f"unreadable during the run. Fix or replace them, then {then}"
+        )
+
+
+def _loader(loaders, index: int):
+    """Loader `index` of a trainer's evaluation loaders (one loader, or a list of them)."""
+    return loaders[index] if isinstance(loaders, list | tuple) else loaders
 
 
 def format_seconds(seconds: float) -> str:

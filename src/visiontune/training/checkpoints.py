@@ -19,6 +19,7 @@ import shutil
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,6 +45,11 @@ NEEDS_CODE = (
     r"(?:create new object|Can only build).*?but got ([^\n]+)",
 )
 DOWNLOAD_TIMEOUT_S = 60
+# Checks of the settings a checkpoint stores (its hyper_parameters), run on every load before anything
+# is built from them: `check(hyper_parameters, source)` raises a one-line UserError. The config schema
+# (config.py, a layer above) adds the command line's rules here, so a stored value meets the same
+# rules as a typed one.
+SETTINGS_CHECKS: list[Callable[[dict, str], None]] = []
 FIX_WRITE = "Free space, or set hydra.run.dir=<a folder on another disk>"
 
 
@@ -194,6 +200,8 @@ def load_checkpoint(path: str | Path) -> dict:
     problem = structure_problem(checkpoint)
     if problem:
         raise UserError(f"checkpoint {source} {problem}")
+    for check in SETTINGS_CHECKS:
+        check(checkpoint["hyper_parameters"], str(source))
     return checkpoint
 
 
@@ -205,6 +213,16 @@ def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
     """
     checkpoint = load_checkpoint(ckpt_path)
     hparams = dict(checkpoint["hyper_parameters"])
+    present = {  # what the model is built from
+        "model": isinstance(hparams.get("model"), dict) and "backbone" in hparams["model"],
+        "num_classes": "num_classes" in hparams,
+    }
+    missing = [name for name, there in present.items() if not there]
+    if missing:
+        raise UserError(
+            f"checkpoint {ckpt_path} is not a visiontune checkpoint (no '{missing[0]}' settings); a Lightning "
+            "checkpoint of another model? Use <run dir>/checkpoints/best.ckpt of a visiontune run"
+        )
     hparams["model"] = {**hparams["model"], "pretrained": False}
     model = ImageClassifier(**hparams)
     if checkpoint.get("structure"):  # a pruned model (compress method=prune): its narrower layers

@@ -20,8 +20,9 @@ as `Activations` batches that tell the model what they are.
 The cache key covers everything the features depend on: the backbone and a hash of its weights, the
 frozen groups, the transform, and the data (file names, sizes and mtimes, or the in-memory images).
 With `finetune.cache_dir` set, the features are also kept on disk (a memory-mapped .npy beside a JSON
-with its key and shape), so later runs (a sweep's trials) skip the frozen layers entirely; a file whose
-key or size does not match is rebuilt, and a cache dir that cannot be written falls back to memory.
+with its key, shape and checksum), so later runs (a sweep's trials) skip the frozen layers entirely; a
+file whose key, size or checksum does not match (bytes damaged in place) is rebuilt with a warning that
+names it, and a cache dir that cannot be written falls back to memory.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from visiontune.data.cache import ArrayStore, files_fingerprint
 from visiontune.data.files import Collated, collate_skip_none
 from visiontune.data.indexed import Indexed
+from visiontune.data.workers import ignore_interrupts
 from visiontune.data.wrapped import WrappedDataset
 from visiontune.errors import UserError
 from visiontune.models.backbones import Activations
@@ -86,7 +88,12 @@ def compute_features(trunk: torch.nn.Module, dataset: Dataset, batch_size: int =
     device = next(trunk.parameters()).device
     rows: list[np.ndarray] = []
     loader = DataLoader(
-        Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_skip_none
+        Indexed(dataset),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=0,
+        collate_fn=collate_skip_none,
+        worker_init_fn=ignore_interrupts,
     )
     dim = None
     filled = 0

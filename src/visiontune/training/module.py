@@ -139,6 +139,21 @@ class ImageClassifier(L.LightningModule):
         # the stored hyperparameters keep their shape, so the checkpoint rebuilds this model
         self.hparams.optim = {**(self.hparams.optim or {}), "optimizer": dict(self.optimizer_cfg)}
 
+    def train_every_layer(self) -> None:
+        """From here on, fine-tune every layer, keeping the per-group LR keys (compress's fine-tune after
+        pruning: the checkpoint's freeze strategy protected pretrained features that pruning changed)."""
+        old = self.freeze_schedule
+        self.freeze_schedule = create_schedule(
+            {"name": "full", "backbone_lr_mult": old.backbone_lr_mult, "layer_decay": old.layer_decay},
+            old.group_names,
+        )
+
+    def fit_head_to_backbone(self) -> None:
+        """After the backbone's channels were pruned in place: it now hands the head as many features as
+        the head's first layer takes (the pruner resized both together)."""
+        first = next(m for m in self.head.modules() if isinstance(m, nn.Linear))
+        self.backbone.num_features = first.in_features
+
     def forward(self, x: torch.Tensor | Activations) -> torch.Tensor:
         """The logits of a batch of images `(N, C, H, W)`, or of the backbone's own `Activations`.
 
