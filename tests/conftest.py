@@ -2,8 +2,9 @@
 
 `make test` runs the suite in pytest-xdist workers, one per core. Each worker, and every command a test
 starts, then computes with one thread: two workers of two threads each on two cores would spin against
-each other and run several times slower. Tests that start several processes of their own (DDP) or depend
-on timing (signals) run one at a time (`serial`, a file lock). What a session trains once for many tests
+each other and run several times slower. Tests that start several processes of their own (DDP, signals)
+run one at a time (`serial`): one worker runs them all (`--dist loadgroup`), and a file lock keeps them
+apart when pytest is run without it. What a session trains once for many tests
 (`shared_run`) is trained by one worker; the others wait for it and read the same files.
 """
 
@@ -32,11 +33,11 @@ SERIAL = ("ddp", "signal", "sigusr1")
 # A test is `heavy` (left out of `make test-fast`) when it, or a fixture it uses, trains, fits, runs a
 # command or a sweep, or starts a process: read from the source, so a new test is sorted without a list.
 HEAVY = re.compile(
-    r"(?<![\w.])(train|run|make_run|build_run|sweep|start_run|evaluate|train_tiny_checkpoint|"
+    r"(?<![\w.])(train|run|make_run|build_run|sweep|signalled_run|train_process|evaluate|train_tiny_checkpoint|"
     r"make_fashion_tasks|run_with|shared_run|getfixturevalue|export\w*|compress\w*|prune\w*)\(|\.fit\(|subprocess\.|Popen\("
 )
 # and these, by name (parameter ids included): big models built at random, large figures, every option
-HEAVY_NAMES = ("vgg16", "vit_b_16", "100_classes", "every_key_of_every_option", "export", "onnx")
+HEAVY_NAMES = ("vgg16", "vit_b_16", "100_classes", "export", "onnx")
 
 
 @functools.cache
@@ -59,6 +60,9 @@ def pytest_collection_modifyitems(config, items):
         name = getattr(item, "originalname", item.name)
         if any(word in name.lower() for word in SERIAL):
             item.add_marker(pytest.mark.serial)
+            # one worker runs them all, one after another (`--dist loadgroup`, the Makefile's): the others
+            # go on with the rest of the suite instead of waiting for the lock
+            item.add_marker(pytest.mark.xdist_group("serial"))
         if is_heavy(item):
             item.add_marker(pytest.mark.heavy)
 
@@ -70,18 +74,6 @@ def _one_at_a_time(request, tmp_path_factory):
         return
     with FileLock(str(session_root(tmp_path_factory) / "serial.lock")):
         yield
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _read_fashion_mnist_once():
-    """Dozens of tiny runs read Fashion-MNIST: each worker unpacks each gzip file once (read-only arrays)."""
-    from visiontune.data import standard
-
-    read = standard._read_idx
-    cached = functools.lru_cache(maxsize=8)(lambda path, stamp: read(path))
-    standard._read_idx = lambda path: cached(path, (os.stat(path).st_mtime_ns, os.stat(path).st_size))
-    yield
-    standard._read_idx = read
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import compose_cfg, make_fashion_tasks
+from helpers import SMALL, compose_cfg, make_fashion_tasks
 from omegaconf import OmegaConf
 
 from visiontune.build import build_datamodule
@@ -164,7 +164,7 @@ def test_overfit_debug_selects_augment_none_as_a_group(tmp_path):
 @pytest.mark.parametrize("overlay", [f"experiment={e}" for e in EXPERIMENTS] + [f"debug={d}" for d in DEBUG])
 def test_every_experiment_and_debug_overlay_runs(overlay, tmp_path):
     overrides = [overlay, "data.image_size=32", "model.pretrained=false", "data.train_subset=32",
-                 "data.val_subset=16", "data.test_subset=16", "data.batch_size=8", "model.backbone=resnet18"]  # fmt: skip
+                 "data.val_subset=16", "data.test_subset=16", "data.batch_size=8", f"model.backbone={SMALL}"]  # fmt: skip
     if overlay.startswith("experiment="):
         overrides.append("debug=fast")
     csv_folder = {

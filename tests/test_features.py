@@ -167,7 +167,8 @@ def test_freeze_groups_trains_on_the_cached_prefix(tmp_path, caplog):
     from visiontune.train import train
     from visiontune.training.checkpoints import load_checkpoint
 
-    base = [*FAST, "finetune=freeze_groups", "finetune.groups=0:2", "logger=csv", "scheduler=none"]
+    base = [*FAST, "model.backbone=resnet18", "finetune=freeze_groups", "finetune.groups=0:2", "logger=csv",
+            "scheduler=none"]  # fmt: skip
     with caplog.at_level(logging.INFO, logger="visiontune"):
         train(compose_cfg(base, tmp_path / "cached"))
     assert "up to layer1 run once per image" in caplog.text
@@ -347,7 +348,7 @@ def test_frozen_layers_with_dropout_or_stochastic_depth_are_not_cached(tmp_path)
     from visiontune.build import build_datamodule, build_model
     from visiontune.training.features import cache_applies
 
-    cfg = compose_cfg([*FAST, "finetune=linear_probe"], tmp_path)
+    cfg = compose_cfg([*FAST, "model.backbone=resnet18", "finetune=linear_probe"], tmp_path)
     model = build_model(cfg, build_datamodule(cfg))
     assert cache_applies(model, cfg) is None
     model.backbone.body.layer4.add_module("drop", torch.nn.Dropout(0.0))  # a zero rate draws nothing

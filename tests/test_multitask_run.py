@@ -12,7 +12,7 @@ import json
 import httpx
 import pytest
 import torch
-from helpers import compose_cfg, make_fashion_tasks
+from helpers import SMALL, compose_cfg, make_fashion_tasks
 
 from visiontune.deploy import outputs
 from visiontune.deploy.session import InferenceSession
@@ -23,7 +23,7 @@ from visiontune.predict import predict
 from visiontune.serve import ServerThread, bind_socket, create_app
 from visiontune.train import train
 
-RUN = ["data=csv", "data.image_size=32", "data.batch_size=16", "data.num_workers=0", "model.backbone=resnet18",
+RUN = ["data=csv", "data.image_size=32", "data.batch_size=16", "data.num_workers=0", f"model.backbone={SMALL}",
        "model.pretrained=false", "trainer.num_sanity_val_steps=0", "callbacks.progress.refresh_rate=0",
        "logger=csv", "scheduler=none"]  # fmt: skip
 HEADS = ("task.heads=[{name: class, column: class, kind: multiclass, weight: 1.0}, "

@@ -6,12 +6,13 @@ import csv
 
 import pytest
 import torch
-from helpers import compose_cfg, run, write_images
+from helpers import compose_cfg, run, run_main, write_images
 
 from visiontune.data.images import open_image
 from visiontune.deploy.session import InferenceSession, checkpoint_datamodule
 from visiontune.errors import UserError
 from visiontune.eval import evaluate
+from visiontune.predict import main as predict_main
 from visiontune.predict import predict, resolve_inputs
 from visiontune.training.checkpoints import load_classifier
 
@@ -108,11 +109,9 @@ def test_flip_tta_averages_the_image_and_its_mirror(tiny_checkpoint):
         (["inputs=.", "ckpt_path=/nonexistent/best.ckpt"], "does not exist"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_code_2(args, message, tiny_checkpoint, tmp_path):
-    result = run(
-        "visiontune.predict", f"ckpt_path={tiny_checkpoint}", *args, f"hydra.run.dir={tmp_path / 'p'}"
-    )
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and message in last and "Traceback" not in result.stderr
+def test_bad_input_is_one_line_and_exit_code_2(args, message, tiny_checkpoint, tmp_path, capsys):
+    code = run_main(predict_main, f"ckpt_path={tiny_checkpoint}", *args, f"hydra.run.dir={tmp_path / 'p'}")
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error:") and message in last and "Traceback" not in err
     assert not (tmp_path / "p" / "predictions.csv").exists()

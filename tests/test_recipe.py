@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_run, snapshot
+from helpers import MODEL, make_run, snapshot
 
 from visiontune.train import train
 
@@ -92,8 +92,7 @@ def test_ema_weights_differ_from_live_ones_and_are_evaluated():
 
 def test_lr_finder_records_its_suggestion_and_plot(tiny_cfg, tmp_path):
     cfg = tiny_cfg(
-        "model.backbone=resnet18",
-        "model.pretrained=false",
+        *MODEL,
         "tune.lr_find=true",
         "tune.num_training=30",  # the suggestion skips the first 10 and the last loss
         "data.train_subset=128",
@@ -165,7 +164,7 @@ def test_atomic_checkpoint_save_keeps_the_old_file_when_saving_fails(tmp_path, m
 @pytest.mark.parametrize("logger", ["mlflow", "wandb"])
 def test_mlflow_and_wandb_log_offline_into_the_run_dir(logger, tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    train(tiny_cfg("model.backbone=resnet18", "model.pretrained=false", f"logger={logger}"))
+    train(tiny_cfg(*MODEL, f"logger={logger}"))
     if logger == "mlflow":  # file store: mlruns/<experiment>/<run>/metrics/val/acc, one line per logged value
         acc = list((tmp_path / "mlruns").glob("*/*/metrics/val/acc"))
         assert len(acc) == 1 and acc[0].read_text().strip()
@@ -176,7 +175,7 @@ def test_mlflow_and_wandb_log_offline_into_the_run_dir(logger, tiny_cfg, tmp_pat
 
 def test_early_stopping_on_val_acc_ends_the_run(tiny_cfg, tmp_path):
     stop = "callbacks.early_stopping={monitor: val/acc, mode: max, patience: 0, min_delta: 2.0}"
-    train(tiny_cfg("model.backbone=resnet18", "model.pretrained=false", "trainer.max_epochs=5", stop))
+    train(tiny_cfg(*MODEL, "trainer.max_epochs=5", stop))
     # epoch 0 sets the best; no epoch can beat it by 2.0, so patience 0 stops after epoch 1
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 2
 
@@ -206,12 +205,12 @@ def test_a_reused_run_dir_is_refused_unless_resumed_or_restarted(tiny_cfg, tmp_p
     """An old last.ckpt in the run dir is never picked up silently, nor overwritten as best-v1.ckpt."""
     from visiontune.errors import UserError
 
-    cfg = tiny_cfg("model.backbone=resnet18", "model.pretrained=false")
+    cfg = tiny_cfg(*MODEL)
     train(cfg)
     first = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
     with pytest.raises(UserError, match=r"ckpt_path=.*last\.ckpt, or start fresh with restart=true"):
         train(cfg)
-    train(tiny_cfg("model.backbone=resnet18", "model.pretrained=false", "restart=true"))
+    train(tiny_cfg(*MODEL, "restart=true"))
     aside = list(tmp_path.glob("checkpoints.*/last.ckpt"))
     assert len(aside) == 1 and aside[0].read_bytes() == first
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compose_cfg, run, write_images
+from helpers import compose_cfg, run_main, write_images
 
 from visiontune.deploy.inference import check_class_names
 from visiontune.deploy.session import InferenceSession
 from visiontune.errors import UserError
 from visiontune.eval import evaluate
+from visiontune.eval import main as eval_main
 from visiontune.evaluation import calibration, report
 from visiontune.training.checkpoints import load_classifier
 
@@ -201,7 +202,7 @@ def test_calibration_fits_a_temperature_and_writes_a_calibrated_copy(tiny_checkp
     assert again["test/acc"] == metrics["test/acc"]
 
 
-def test_eval_names_the_classes_that_differ(tiny_checkpoint, tmp_path):
+def test_eval_names_the_classes_that_differ(tiny_checkpoint, tmp_path, capsys):
     root = tmp_path / "other"
     for name in ("alpha", "beta", *[f"c{i}" for i in range(8)]):
         write_images(root / "train" / name, 1)
@@ -209,27 +210,21 @@ def test_eval_names_the_classes_that_differ(tiny_checkpoint, tmp_path):
         write_images(root / "test" / name, 1)
     args = [f"ckpt_path={tiny_checkpoint}", "data.name=imagefolder", f"data.root={root}"]
     args += ["data.train_subset=null", "data.val_subset=null", "data.test_subset=null"]
-    result = run("visiontune.eval", *args, f"hydra.run.dir={tmp_path / 'e1'}")
-    assert result.returncode == 2, result.stderr[-2000:]
-    line = result.stderr.strip().splitlines()[-1]
+    code = run_main(eval_main, *args, f"hydra.run.dir={tmp_path / 'e1'}")
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("error:") and "class names differ" in line, err[-2000:]
+    assert "'alpha'" in line and "'Trouser'" in line and "Traceback" not in err
     assert (
-        line.startswith("error:")
-        and "class names differ" in line
-        and "'alpha'" in line
-        and "'Trouser'" in line
+        run_main(eval_main, *args, "data.allow_class_mismatch=true", f"hydra.run.dir={tmp_path / 'e2'}") == 0
     )
-    assert "Traceback" not in result.stderr
-    result = run(
-        "visiontune.eval", *args, "data.allow_class_mismatch=true", f"hydra.run.dir={tmp_path / 'e2'}"
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["test/images"] == 10
 
 
-def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+def test_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     bad = tmp_path / "notes.ckpt"
     bad.write_text("not a checkpoint")
-    result = run("visiontune.eval", f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / 'e'}")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in result.stderr
+    assert run_main(eval_main, f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / 'e'}") == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error:") and "Traceback" not in err
     assert not (tmp_path / "e" / "metrics.json").exists()

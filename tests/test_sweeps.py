@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import yaml
+from helpers import MODEL
 from omegaconf import OmegaConf
 
 from visiontune.sweeper import space
@@ -307,7 +308,7 @@ def test_trial_callbacks_prune_a_lightning_run(tmp_path):
 def test_optuna_search_through_real_training(tmp_path):
     tiny = [
         "data.train_subset=64", "data.val_subset=32", "data.test_subset=32", "data.image_size=32",
-        "model.backbone=resnet18", "model.pretrained=false", "trainer.max_epochs=2",
+        *MODEL, "trainer.max_epochs=2",
         "callbacks.progress.refresh_rate=0", "hydra.sweeper.n_trials=2",
     ]  # fmt: skip
     result = sweep(tmp_path, "hparams_search=optuna", *tiny, app=["-m", "visiontune.train"])

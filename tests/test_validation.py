@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_main
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from visiontune.cli import CONF_DIR, run_cli
-from visiontune.config import TrainConfig, all_keys, validate_config, validate_eval_config
+from visiontune.config import (
+    TrainConfig,
+    all_keys,
+    validate_compress_config,
+    validate_config,
+    validate_eval_config,
+)
 from visiontune.errors import UserError
+from visiontune.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = Path(CONF_DIR)
@@ -130,22 +137,29 @@ def leaf_keys(node, prefix=""):
             yield path
 
 
-def test_every_key_of_every_option_has_a_type_and_a_one_line_doc():
-    """The schema declares each key that an option sets (passthrough mappings such as logger.mlflow and
-    any extra lightning.Trainer argument hold what their library takes), with a doc of one short line."""
-    from omegaconf import OmegaConf
-
+def test_every_key_has_a_type_and_a_one_line_doc():
+    """Every key the schema declares has a doc of one short line (test_every_shipped_option_passes_validation
+    checks that the schema declares every key an option sets)."""
     declared = {k.path: k for k in all_keys(TrainConfig)}
     for k in declared.values():
         assert k.doc and "\n" not in k.doc and len(k.doc) <= 100, k.path
-    passthrough = {p for p, k in declared.items() if "dict" in str(k.type)}
-    for group, option in group_options():
-        cfg = OmegaConf.to_container(compose_train([f"{group}={option}"]))
-        for path in leaf_keys(cfg):
-            if path.startswith("trainer.") or any(path.startswith(p + ".") for p in passthrough):
-                continue
-            assert path in declared, f"{group}={option}: {path} has no type and doc in the schema"
     assert {"model.pretrained", "model.compile", "data.strict", "finetune.train_bn", "seed"} <= set(declared)
+
+
+def undeclared_keys(cfg) -> list[str]:
+    """The keys of a composed config that the schema does not declare (passthrough mappings such as
+    logger.mlflow and any extra lightning.Trainer argument hold what their library takes)."""
+    from omegaconf import OmegaConf
+
+    declared = {k.path: k for k in all_keys(TrainConfig)}
+    passthrough = {p for p, k in declared.items() if "dict" in str(k.type)}
+    return [
+        path
+        for path in leaf_keys(OmegaConf.to_container(cfg))
+        if not path.startswith("trainer.")
+        and not any(path.startswith(p + ".") for p in passthrough)
+        and path not in declared
+    ]
 
 
 @pytest.mark.parametrize(
@@ -268,6 +282,7 @@ def test_every_shipped_option_passes_validation(group, option):
     if (group, option) == ("task", "multitask"):  # its heads name the columns of your CSV
         needs_root = ["task.heads=[{name: a, column: a, kind: multiclass, weight: 1.0}]"]
     cfg = compose_train([f"{group}={option}", *needs_root])
+    assert undeclared_keys(cfg) == [], f"{group}={option}: keys with no type and doc in the schema"
     validate_config(cfg)  # warnings are fine; errors are not
 
 
@@ -283,11 +298,17 @@ def test_eval_config_checks_the_data_keys_it_is_given():
     assert validate_eval_config(compose_train(["ckpt_path=x"], config_name="eval")) == []
     with pytest.raises(UserError, match="data.batch_size=0"):
         validate_eval_config(compose_train(["ckpt_path=x", "data.batch_size=0"], config_name="eval"))
+
+
+def test_compress_config_checks_its_fine_tune_trainer():
+    given = ["ckpt_path=x", "method=prune"]
+    assert validate_compress_config(compose_train(given, config_name="compress")) == []
     with pytest.raises(UserError, match="trainer.precision"):
-        validate_eval_config(compose_train(["ckpt_path=x", "++trainer.precision=9"], config_name="eval"))
+        validate_compress_config(compose_train([*given, "trainer.precision=9"], config_name="compress"))
 
 
-# The real command: exit code 2, one line on stderr, no traceback (needs train() to call validate_config).
+# The command's entry, in process (the catalogue, test_catalogue.py, starts each command for real once):
+# exit code 2, one line on stderr, no traceback (needs train() to call validate_config).
 CLI_CASES = [
     ("data.batch_size=0", "data.batch_size"),
     ("optimizer.lr=abc", "optimizer.lr"),
@@ -296,31 +317,17 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "key"), CLI_CASES)
-def test_the_train_command_exits_2_with_one_line(overrides, key, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "visiontune.train", *overrides.split(), f"hydra.run.dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr + result.stdout
+def test_the_train_command_exits_2_with_one_line(overrides, key, tmp_path, capsys):
+    code = run_main(train_main, *overrides.split(), f"hydra.run.dir={tmp_path}")
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], err[-2000:]
+    assert "Traceback" not in err + out
 
 
-@pytest.mark.slow
-def test_the_help_command_lists_no_private_base(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "visiontune.train", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "== Config groups" in result.stdout and "  data.root (str) = ${paths.data_dir}: " in result.stdout
-    assert "_base" not in result.stdout and "_standard" not in result.stdout
+def test_the_help_command_lists_no_private_base(capsys):
+    assert run_main(train_main, "--help") == 0
+    out = capsys.readouterr().out
+    assert "== Config groups" in out and "  data.root (str) = ${paths.data_dir}: " in out
+    assert "_base" not in out and "_standard" not in out
