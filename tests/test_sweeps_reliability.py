@@ -20,7 +20,14 @@ from hydra.core.plugins import Plugins
 from optuna.distributions import FloatDistribution
 from sweep_app import main as app_main
 
-from visiontune.sweeper.storage import Heartbeat, counted, fail_stale, open_storage
+from visiontune.sweeper.storage import (
+    JOURNAL_BEAT,
+    Heartbeat,
+    counted,
+    fail_stale,
+    open_storage,
+    record_heartbeat,
+)
 from visiontune.sweeper.trial import read_record
 from visiontune.train import main as train_main
 
@@ -51,15 +58,17 @@ def killed_trial(study, store):
     with warnings.catch_warnings():  # Optuna: heartbeats are meant for study.optimize
         warnings.simplefilter("ignore", UserWarning)
         trial = study.ask(X)
-    store.record_heartbeat(trial._trial_id)
+    record_heartbeat(store, trial._trial_id)
     return trial
 
 
-def test_a_killed_sweepers_trial_is_failed_and_retried(tmp_path, app):
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_killed_sweepers_trial_is_failed_and_retried(kind, tmp_path, app):
     """Trial 1 was RUNNING when its sweeper died. The next sweeper on the study sees its heartbeat is
     older than grace_period, marks it FAIL and runs it again (trial 2, same x); with n_trials=2 the
-    retry stands in for it, so no other trial is drawn. With max_retry=0 it stays FAIL and counts."""
-    db = f"sqlite:///{tmp_path / 'study.db'}"
+    retry stands in for it, so no other trial is drawn. With max_retry=0 it stays FAIL and counts.
+    The same with a database (Optuna's heartbeat) and a journal file (the default storage: ours)."""
+    db = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else str(tmp_path / "optuna.journal")
     beat = Heartbeat(interval=1, grace_period=2, max_retry=0)
     store = open_storage(db, beat)
     study = optuna.create_study(storage=store, study_name="visiontune", direction="maximize")
@@ -78,6 +87,7 @@ def test_a_killed_sweepers_trial_is_failed_and_retried(tmp_path, app):
     )  # fmt: skip
     assert code == 0
     trials = optuna.load_study(study_name="visiontune", storage=open_storage(db)).get_trials()
+    assert trials[1].system_attrs.get(JOURNAL_BEAT) is not None or kind == "sqlite"
     assert [t.state for t in trials] == [States.COMPLETE, States.FAIL, States.COMPLETE]
     retry = trials[2]
     assert retry.params == killed.params and retry.system_attrs["retry_history"] == [killed.number]

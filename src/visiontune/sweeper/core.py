@@ -7,7 +7,7 @@ How a study works:
   `<sweep dir>/optuna.journal`). The sweeper asks only for `n_trials` minus the trials the study
   already has (`storage.counted`), so re-running a command continues its study, and several
   sweepers (a SLURM array) can share one study.
-- Killed sweepers: with a database storage, the sweeper keeps a heartbeat for the trials it runs; a
+- Killed sweepers: the sweeper keeps a heartbeat for the trials it runs (a database or a journal); a
   RUNNING trial whose heartbeat stopped is failed and retried (`storage.fail_stale`, when the study
   is loaded and after every batch); the retry takes its place in `n_trials`.
 - Outcome: a job that raises or exits is a FAIL trial (the study goes on); one whose run dir's
@@ -250,11 +250,7 @@ class OptunaSweeper(Sweeper):
             return
         running = [t.number for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
         if running:
-            fix = (
-                "set hydra.sweeper.heartbeat_interval"
-                if storage.is_database(self.storage_spec)
-                else "use a database storage (hydra.sweeper.storage=sqlite:///study.db)"
-            )
+            fix = "set hydra.sweeper.heartbeat_interval"
             log.warning(
                 "optuna trials %s are RUNNING: another worker's, or a killed sweeper's, which stay RUNNING and "
                 "count toward n_trials; to have killed trials failed and retried, %s", running, fix,
@@ -317,7 +313,7 @@ class OptunaSweeper(Sweeper):
                 warnings.simplefilter("ignore", UserWarning)
                 trial = study.ask(fixed_distributions=distributions)
             if storage.has_heartbeat(self.store):  # at once: a sweeper killed before its batch starts
-                self.store.record_heartbeat(trial._trial_id)
+                storage.record_heartbeat(self.store, trial._trial_id)
             ahead = storage.counted(study.get_trials(deepcopy=False))
             if sum(t.number < trial.number for t in ahead) >= self.n_trials:
                 trial.set_user_attr("surplus", True)

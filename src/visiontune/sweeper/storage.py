@@ -4,11 +4,15 @@ A value with `://` is a SQLAlchemy URL (`sqlite:///study.db`, `postgresql://...`
 the path of an Optuna journal file, which works on a shared cluster file system where SQLite's
 locking does not.
 
-Heartbeats (a database only: Optuna's journal storage has none): the sweeper records one for each
-trial it runs, every `interval` seconds, from its own process (`heartbeats`). A RUNNING trial whose
-last heartbeat is older than the grace period belonged to a sweeper that was killed: `fail_stale`
-marks it FAIL, and Optuna's retry callback adds a WAITING copy with the same parameters, which the
-next `ask` runs (at most `max_retry` times per trial). `counted` says which trials fill `n_trials`.
+Heartbeats: the sweeper records one for each trial it runs, every `interval` seconds, from its own
+process (`heartbeats`). A RUNNING trial whose last heartbeat is older than the grace period belonged
+to a sweeper that was killed: `fail_stale` marks it FAIL, and Optuna's retry callback adds a WAITING
+copy with the same parameters, which the next `ask` runs (at most `max_retry` times per trial).
+`counted` says which trials fill `n_trials`. A database keeps them through Optuna's own heartbeat; a
+journal file (the default), which Optuna gives none, keeps each trial's last heartbeat time in the
+trial's system attributes (`JOURNAL_BEAT`), and `fail_stale` applies the same rule and the same retry
+callback to it. The times come from each sweeper's clock: hosts sharing a journal need clocks that
+agree to well within the grace period.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from visiontune.sweeper.space import first_line
 
 log = logging.getLogger(__name__)
 DEFAULT_JOURNAL = "optuna.journal"
+JOURNAL_BEAT = "visiontune:heartbeat"  # a journal trial's system attribute: the time of its last heartbeat
 PRUNERS = ("median", "hyperband", "none")
 
 
@@ -65,7 +70,7 @@ def resolve(spec: str | None, sweep_dir: Path) -> str:
 def open_storage(spec: str, heartbeat: Heartbeat | None = None):
     """An Optuna storage for a resolved `spec`; UserError (one line) when it cannot be opened.
 
-    `heartbeat` applies to a database; a journal file has no heartbeats and ignores it.
+    `heartbeat`: Optuna's heartbeat for a database; ours for a journal file (`JOURNAL_BEAT`).
     """
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -74,7 +79,9 @@ def open_storage(spec: str, heartbeat: Heartbeat | None = None):
         if not is_database(spec):
             if not Path(spec).parent.is_dir():
                 raise UserError(f"cannot open the journal file '{spec}': its folder does not exist")
-            return JournalStorage(JournalFileBackend(spec))
+            journal = JournalStorage(JournalFileBackend(spec))
+            journal.visiontune_heartbeat = heartbeat  # read by has_heartbeat, heartbeats and fail_stale
+            return journal
         # SQLite: wait for the file lock instead of failing when two workers write at once
         engine = {"connect_args": {"timeout": 60}} if spec.startswith("sqlite") else {"pool_pre_ping": True}
         with warnings.catch_warnings():
@@ -107,13 +114,17 @@ def heartbeat_arguments(heartbeat: Heartbeat | None) -> dict:
 
 def has_heartbeat(store) -> bool:
     """Whether `store` (as open_storage made it) records heartbeats."""
-    return getattr(store, "heartbeat_interval", None) is not None
+    return (
+        getattr(store, "heartbeat_interval", None) is not None
+        or getattr(store, "visiontune_heartbeat", None) is not None
+    )
 
 
 def fail_stale(study) -> list[tuple[int, int | None]]:
     """Mark FAIL the RUNNING trials whose heartbeat is too old (their sweeper was killed), through
-    Optuna's `fail_stale_trials`, whose retry callback adds a WAITING copy of each one not retried
-    `max_retry` times yet. Returns (stale trial, its retry or None) pairs."""
+    Optuna's `fail_stale_trials` (a database) or `fail_stale_journal_trials`, whose retry callback adds
+    a WAITING copy of each one not retried `max_retry` times yet. Returns (stale trial, its retry or
+    None) pairs."""
     import optuna
 
     running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
@@ -121,7 +132,11 @@ def fail_stale(study) -> list[tuple[int, int | None]]:
         return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+        journal = getattr(study._storage, "visiontune_heartbeat", None)
+        if journal is not None:
+            fail_stale_journal_trials(study, journal)
+        else:
+            optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     retries = {
         t.system_attrs["retry_history"][-1]: t.number
@@ -130,6 +145,39 @@ def fail_stale(study) -> list[tuple[int, int | None]]:
     }
     failed = [t.number for t in trials if t.number in running and t.state == optuna.trial.TrialState.FAIL]
     return [(n, retries.get(n)) for n in failed]
+
+
+def fail_stale_journal_trials(study, heartbeat: Heartbeat) -> None:
+    """Optuna's `fail_stale_trials` for a journal: FAIL each RUNNING trial whose last heartbeat
+    (`JOURNAL_BEAT`) is older than the grace period, then run the retry callback on it. A trial with no
+    heartbeat at all (a sweeper that records none) is left alone."""
+    import time
+
+    import optuna
+
+    grace = heartbeat.grace_period or 2 * heartbeat.interval
+    store, now = study._storage, time.time()
+    retry = heartbeat_arguments(heartbeat)
+    callback = retry.get("heartbeat_stale_trial_callback") or retry.get("failed_trial_callback")
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        beat = trial.system_attrs.get(JOURNAL_BEAT)
+        if beat is None or now - float(beat) <= grace:
+            continue
+        try:
+            store.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        except RuntimeError:  # finished meanwhile (another sweeper failed it first, or it just ended)
+            continue
+        callback(study, store.get_trial(trial._trial_id))
+
+
+def record_heartbeat(store, trial_id: int) -> None:
+    """One heartbeat of a running trial: Optuna's (a database) or `JOURNAL_BEAT` (a journal file)."""
+    if getattr(store, "visiontune_heartbeat", None) is not None:
+        import time
+
+        store.set_trial_system_attr(trial_id, JOURNAL_BEAT, time.time())
+    else:
+        store.record_heartbeat(trial_id)
 
 
 def counted(trials: list) -> list:
@@ -155,12 +203,12 @@ def heartbeats(store, trial_ids: list[int], interval: int) -> Iterator[None]:
         while not stop.wait(interval):
             for trial_id in trial_ids:
                 try:
-                    store.record_heartbeat(trial_id)
+                    record_heartbeat(store, trial_id)
                 except Exception as exc:  # a locked or unreachable database: the next beat may pass
                     log.warning("optuna heartbeat not recorded: %s", first_line(exc))
 
     for trial_id in trial_ids:
-        store.record_heartbeat(trial_id)
+        record_heartbeat(store, trial_id)
     thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
     thread.start()
     try:
