@@ -55,6 +55,7 @@ def is_heavy(item) -> bool:
     return any(trains(d.func) for defs in definitions.values() for d in defs)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = getattr(item, "originalname", item.name)
