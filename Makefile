@@ -41,11 +41,11 @@ format: $(STAMP)
 # The whole suite, in one pytest-xdist worker per core (tests/conftest.py gives each one thread).
 WORKERS ?= auto
 test: setup lint
-	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) $(PYTEST_ARGS)
 
 # The edit loop: every test that neither trains nor runs a command (the `heavy` marker, tests/conftest.py).
 test-fast: setup
-	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup -m "not slow and not heavy" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) -m "not slow and not heavy" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

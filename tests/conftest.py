@@ -2,9 +2,10 @@
 
 `make test` runs the suite in pytest-xdist workers, one per core. Each worker, and every command a test
 starts, then computes with one thread: two workers of two threads each on two cores would spin against
-each other and run several times slower. Tests that start several processes of their own (DDP, signals)
-run one at a time (`serial`): one worker runs them all (`--dist loadgroup`), and a file lock keeps them
-apart when pytest is run without it. What a session trains once for many tests
+each other and run several times slower. Tests that start several processes of their own (DDP ranks,
+which also share a rendezvous port) run one at a time (`serial`, a file lock). The signal tests need no
+lock: the run signals itself at a chosen batch (tests/signal_run.py), whatever the load. What a session
+trains once for many tests
 (`shared_run`) is trained by one worker; the others wait for it and read the same files.
 """
 
@@ -28,8 +29,8 @@ from helpers import TINY, compose_cfg, session_root, shared_run  # noqa: E402
 
 torch.set_num_threads(1 if WORKER else max(1, min(2, os.cpu_count() or 1)))
 
-# Tests that start processes of their own (DDP ranks) or send signals after a delay: never two at once.
-SERIAL = ("ddp", "signal", "sigusr1")
+# Tests that start DDP ranks (processes of their own, on a rendezvous port): never two at once.
+SERIAL = ("ddp",)
 # A test is `heavy` (left out of `make test-fast`) when it, or a fixture it uses, trains, fits, runs a
 # command or a sweep, or starts a process: read from the source, so a new test is sorted without a list.
 HEAVY = re.compile(
@@ -55,17 +56,14 @@ def is_heavy(item) -> bool:
     return any(trains(d.func) for defs in definitions.values() for d in defs)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = getattr(item, "originalname", item.name)
-        if any(word in name.lower() for word in SERIAL):
-            item.add_marker(pytest.mark.serial)
-            # one worker runs them all, one after another (`--dist loadgroup`, the Makefile's): the others
-            # go on with the rest of the suite instead of waiting for the lock
-            item.add_marker(pytest.mark.xdist_group("serial"))
-        if is_heavy(item):
-            item.add_marker(pytest.mark.heavy)
+def pytest_itemcollected(item):
+    """Marks each test as it is collected, before any collection_modifyitems hook (pytest-xdist's reads
+    the xdist_group marks there)."""
+    name = getattr(item, "originalname", item.name)
+    if any(word in name.lower() for word in SERIAL):
+        item.add_marker(pytest.mark.serial)
+    if is_heavy(item):
+        item.add_marker(pytest.mark.heavy)
 
 
 @pytest.fixture(autouse=True)

@@ -98,6 +98,8 @@ ROWS = [
     row("serve", ["port={port}"], "give exactly one of ckpt_path=<best.ckpt> or model=<model.onnx>"),
     row("serve", ["ckpt_path={ckpt}", "port=99999"], "port=99999 is not a TCP port"),
     row("serve", ["ckpt_path={ckpt}", "port=abc"], "port=abc is not a TCP port"),
+    row("serve", ["ckpt_path={ckpt}", "port={port}", "max_batch_size=abc"], "max_batch_size=abc must be a whole"),
+    row("serve", ["ckpt_path={ckpt}", "port={port}", "batch_timeout=-1"], "batch_timeout=-1 must be a number"),
     row("serve", ["ckpt_path={ckpt}", "port={busy_port}"], "in use"),
     row("serve", ["ckpt_path={tmp}/missing.ckpt", "port={port}"], "missing.ckpt does not exist"),
     row("serve", ["ckpt_path={inputs}/no_model.ckpt", "port={port}"], "(no 'model' settings)"),

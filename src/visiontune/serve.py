@@ -308,8 +308,14 @@ def serve(cfg: DictConfig) -> None:
     import uvicorn
 
     for key in ("max_batch_size", "max_bytes", "topk", "max_pending"):
-        if int(cfg[key]) < 1:
-            raise UserError(f"{key}={cfg[key]} must be at least 1")
+        if type(cfg[key]) is not int or cfg[key] < 1:
+            raise UserError(f"{key}={cfg[key]} must be a whole number, at least 1")
+    if (
+        isinstance(cfg.batch_timeout, bool)
+        or not isinstance(cfg.batch_timeout, int | float)
+        or cfg.batch_timeout < 0
+    ):
+        raise UserError(f"batch_timeout={cfg.batch_timeout} must be a number of seconds, at least 0")
     max_pixels = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
     if max_pixels is not None and (type(max_pixels) is not int or max_pixels < 1):
         raise UserError(f"max_pixels={max_pixels} must be a whole number of pixels, at least 1 (null = none)")
