@@ -873,7 +873,7 @@ def shown(value) -> str:
 def train_help(cfg: DictConfig | None = None, conf_dir: Path | None = None) -> str:
     """The text of `visiontune-train --help`: the groups and their options, then every key with its
     type, its value in `cfg` (the composed config, overrides included) and its doc."""
-    from visiontune.cli import CONF_DIR
+    conf = Path(__file__).resolve().parent / "conf"  # cli.CONF_DIR (cli imports this module)
 
     choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None) if cfg is not None else None
     lines = [
@@ -884,7 +884,7 @@ def train_help(cfg: DictConfig | None = None, conf_dir: Path | None = None) -> s
         "",
         "== Config groups: group=option (* = the one chosen now) ==",
     ]
-    for group, options in option_names(Path(conf_dir or CONF_DIR)).items():
+    for group, options in option_names(Path(conf_dir or conf)).items():
         chosen = choices.get(group) if choices is not None else None
         lines.append(f"  {group}: " + ", ".join(o + ("*" if o == chosen else "") for o in options))
     lines += ["", "== Keys: key (type) = value now: what it does =="]
