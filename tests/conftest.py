@@ -34,7 +34,7 @@ SERIAL = ("ddp",)
 # A test is `heavy` (left out of `make test-fast`) when it, or a fixture it uses, trains, fits, runs a
 # command or a sweep, or starts a process: read from the source, so a new test is sorted without a list.
 HEAVY = re.compile(
-    r"(?<![\w.])(train|run|make_run|build_run|sweep|signalled_run|train_process|evaluate|train_tiny_checkpoint|"
+    r"(?<![\w.])(train|run|run_main|make_run|build_run|sweep|signalled_run|train_process|evaluate|train_tiny_checkpoint|"
     r"make_fashion_tasks|run_with|shared_run|getfixturevalue|export\w*|compress\w*|prune\w*)\(|\.fit\(|subprocess\.|Popen\("
 )
 # and these, by name (parameter ids included): big models built at random, large figures, every option
