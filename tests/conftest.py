@@ -2,7 +2,9 @@
 
 `make test` runs the suite in pytest-xdist workers, one per core. Each worker, and every command a test
 starts, then computes with one thread: two workers of two threads each on two cores would spin against
-each other and run several times slower. Tests that start several processes of their own (DDP ranks,
+each other and run several times slower. A command a test starts is a process forked from its worker
+(`helpers.run`), which has imported torch and Lightning already: a new interpreter would spend 5-8
+CPU-seconds importing them again. Tests that start several processes of their own (DDP ranks,
 which also share a rendezvous port) run one at a time (`serial`, a file lock). The signal tests need no
 lock: the run signals itself at a chosen batch (tests/signal_run.py), whatever the load. What a session
 trains once for many tests

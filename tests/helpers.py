@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import runpy
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -117,11 +125,100 @@ MODEL = [f"model.backbone={SMALL}", "model.pretrained=false"]
 FAST = [*TINY, *MODEL]
 
 
-def run(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m module args...` from the repository root, its output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+def run(
+    module: str,
+    *args: str,
+    timeout: float = 600,
+    env: dict | None = None,
+    cwd: Path = ROOT,
+    new_session: bool = False,
+) -> subprocess.CompletedProcess:
+    """`python -m module args...` (or `python script.py args...` where `module` ends in .py) in cwd, its
+    output captured: a process of its own, forked from this one.
+
+    The fork starts where a new interpreter would be after its imports (torch and Lightning take 5-8
+    CPU-seconds to import, and the suite starts about 30 commands), then behaves as `python -m` does:
+    fresh stdio, logging, warning filters, signal handlers and exit handlers, the given environment, its
+    own session if asked (`start_new_session`), and the exit code of `sys.exit` or of a signal. A test
+    of what happens when the interpreter itself exits, or of a separate installation, starts a real one.
+    """
+    argv = [sys.executable, *([module] if module.endswith(".py") else ["-m", module]), *args]
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        _run_forked(module, list(args), out, err, env, cwd, new_session)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise subprocess.TimeoutExpired(argv, timeout)
+        time.sleep(0.02)
+    texts = []
+    for file in (out, err):
+        file.seek(0)
+        texts.append(file.read().decode(errors="replace"))
+        file.close()
+    return subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(status), *texts)
+
+
+def _run_forked(module, args, out, err, env, cwd, new_session) -> None:
+    code = 1
+    try:
+        # as a DataLoader worker does: the parent's OpenMP threads did not survive the fork
+        torch.set_num_threads(1)
+        if new_session:
+            os.setsid()
+        for fd, file in ((1, out), (2, err)):
+            os.dup2(file.fileno(), fd)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        sys.stdin = sys.__stdin__ = open(0, closefd=False)  # noqa: SIM115
+        sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        os.chdir(cwd)
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGPIPE", "SIGCHLD"):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as the interpreter sets it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        atexit._clear()
+        for handler in logging.root.handlers[:]:
+            logging.root.removeHandler(handler)
+        logging.root.setLevel(logging.WARNING)
+        warnings.resetwarnings()  # the interpreter's defaults, not pytest's
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+        GlobalHydra.instance().clear()
+        script = module.endswith(".py")
+        sys.argv = [module if script else module, *args]
+        sys.path[0] = str(Path(module).resolve().parent) if script else str(cwd)
+        if script:
+            runpy.run_path(module, run_name="__main__")
+        else:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def session_root(tmp_path_factory) -> Path:
@@ -206,10 +303,7 @@ def write_images(folder: Path, n: int, suffix: str = ".png", start: int = 0) -> 
 
 def make_fashion_tasks(out: Path, train: int, val: int, test: int) -> Path:
     """scripts/make_fashion_tasks.py at a small size into `out` (multitask/ and mosaic/ CSVs and images)."""
-    result = subprocess.run(
-        [sys.executable, "scripts/make_fashion_tasks.py", "--out", str(out), "--train", str(train),
-         "--val", str(val), "--test", str(test)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run("scripts/make_fashion_tasks.py", "--out", str(out), "--train", str(train), "--val", str(val),
+                 "--test", str(test))  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     return out

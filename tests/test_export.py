@@ -4,13 +4,11 @@ preprocess.json alone, with a dynamic batch axis, the temperature inside, and no
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, compose_cfg, fashion_mnist_test_images
+from helpers import compose_cfg, fashion_mnist_test_images, run
 from PIL import Image
 
 from visiontune.data.transforms import eval_transform
@@ -139,11 +137,8 @@ def test_the_spec_describes_the_checkpoint_preprocessing(tiny_checkpoint):
 
 
 def test_an_unknown_format_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "visiontune.export", f"ckpt_path={tiny_checkpoint}", "format=tflite",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run("visiontune.export", f"ckpt_path={tiny_checkpoint}", "format=tflite",
+                 f"hydra.run.dir={tmp_path / 'run'}", timeout=300)  # fmt: skip
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "format=tflite" in last and "onnx" in last

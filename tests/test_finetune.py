@@ -242,14 +242,11 @@ def test_resume_after_unfreeze_matches_an_uninterrupted_run(tmp_path):
 
 def test_ddp_soft_freeze_unfreezes_and_ranks_agree(tmp_path):
     """2 CPU processes (gloo): frozen epoch leaves the backbone alone, then it trains, identically on both ranks."""
-    import subprocess
-    import sys
     from pathlib import Path
 
-    worker = Path(__file__).parent / "ddp_unfreeze_worker.py"
-    result = subprocess.run(
-        [sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=600
-    )
+    from helpers import run
+
+    result = run(str(Path(__file__).parent / "ddp_unfreeze_worker.py"), str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     initial = torch.load(tmp_path / "rank0_initial.pt")
     states = {(r, e): torch.load(tmp_path / f"rank{r}_epoch{e}.pt") for r in (0, 1) for e in (0, 1)}

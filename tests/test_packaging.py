@@ -12,6 +12,21 @@ from pathlib import Path
 import pytest
 from helpers import FAST, ROOT
 
+# Runs each console script file (the wrapper pip wrote) with its arguments, one after the other; stops at
+# the first that exits non-zero.
+RUN_SCRIPTS = """
+import json, runpy, sys
+from hydra.core.global_hydra import GlobalHydra
+for script, *args in json.loads(sys.argv[1]):
+    GlobalHydra.instance().clear()
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as stop:
+        if stop.code not in (None, 0):
+            raise
+"""
+
 
 def sh(*args, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600, **kwargs)
@@ -47,14 +62,27 @@ def test_the_wheel_installs_and_its_commands_run_from_another_directory(tmp_path
     where = sh(python, "-c", "import visiontune; print(visiontune.__file__)", cwd=elsewhere).stdout
     assert where.startswith(str(site)), where
 
-    fast = [*FAST, "logger=csv"]
-    sh(venv / "bin" / "visiontune-train", *fast, "hydra.run.dir=run", cwd=elsewhere)
+    # the three console scripts, as the shell runs them, in one interpreter of the venv (each new one
+    # would import torch and Lightning again)
+    bin_dir = venv / "bin"
+    ckpt = elsewhere / "run" / "checkpoints" / "best.ckpt"
+    commands = [
+        [bin_dir / "visiontune-train", *FAST, "logger=csv", "hydra.run.dir=run"],
+        [bin_dir / "visiontune-eval", f"ckpt_path={ckpt}", "hydra.run.dir=eval"],
+        [
+            bin_dir / "visiontune-augment-preview",
+            "augment=flip",
+            "data.image_size=32",
+            "--n",
+            "4",
+            "--out",
+            "grid.png",
+        ],
+    ]
+    sh(python, "-c", RUN_SCRIPTS, json.dumps([[str(part) for part in command] for command in commands]),
+       cwd=elsewhere)  # fmt: skip
     metrics = json.loads((elsewhere / "run" / "metrics.json").read_text())
     assert "test/acc" in metrics
-    ckpt = elsewhere / "run" / "checkpoints" / "best.ckpt"
-    sh(venv / "bin" / "visiontune-eval", f"ckpt_path={ckpt}", "hydra.run.dir=eval", cwd=elsewhere)
     again = json.loads((elsewhere / "eval" / "metrics.json").read_text())
     assert again["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
-    sh(venv / "bin" / "visiontune-augment-preview", "augment=flip", "data.image_size=32", "--n", "4",
-       "--out", "grid.png", cwd=elsewhere)  # fmt: skip
     assert (elsewhere / "grid.png").stat().st_size > 0

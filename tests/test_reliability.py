@@ -6,11 +6,10 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import FAST, ROOT, CrashAt, compose_cfg, shared_run
+from helpers import FAST, CrashAt, compose_cfg, run, shared_run
 
 from visiontune.errors import UserError
 from visiontune.train import train
@@ -54,18 +53,12 @@ SIGNAL_AT = ("1", "2")  # the end of batch 2 of epoch 1 (tests/signal_run.py)
 def signalled_run(signum: int, run_dir, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """visiontune-train `args` into run_dir, in a process group of its own that gets `signum` at the end of
     batch 2 of epoch 1 (tests/signal_run.py), as a shell, `timeout` or SLURM would send it."""
-    return subprocess.run(
-        [sys.executable, "tests/signal_run.py", signal.Signals(signum).name, *SIGNAL_AT, *args,
-         f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, start_new_session=True,
-    )  # fmt: skip
+    return run("tests/signal_run.py", signal.Signals(signum).name, *SIGNAL_AT, *args,
+               f"hydra.run.dir={run_dir}", env=env, new_session=True)  # fmt: skip
 
 
 def train_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "visiontune.train", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
+    return run("visiontune.train", *args, env=env)
 
 
 @pytest.fixture(scope="session")

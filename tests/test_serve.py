@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import socket
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-from helpers import ROOT, fashion_mnist_test_images
+from helpers import fashion_mnist_test_images, run
 from PIL import Image
 
 from visiontune.deploy.outputs import task_spec
@@ -106,11 +104,8 @@ def test_a_port_in_use_is_one_line_and_exit_code_2(tiny_checkpoint, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "visiontune.serve", f"ckpt_path={tiny_checkpoint}", f"port={port}",
-             f"hydra.run.dir={tmp_path}"],
-            cwd=ROOT, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        result = run("visiontune.serve", f"ckpt_path={tiny_checkpoint}", f"port={port}",
+                     f"hydra.run.dir={tmp_path}", timeout=120)  # fmt: skip
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert (

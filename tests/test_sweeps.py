@@ -11,15 +11,13 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
 import pytest
 import yaml
-from helpers import MODEL
+from helpers import MODEL, run
 from omegaconf import OmegaConf
 
 from visiontune.sweeper import space
@@ -34,14 +32,11 @@ States = optuna.trial.TrialState
 
 def sweep(tmp_path: Path, *overrides: str, sweep_dir: str = "sweep", app: list[str] | None = None):
     """Run a multirun of the tiny app (or `app`) in tmp_path; the sweep dir is tmp_path/sweep_dir."""
-    command = [
-        sys.executable,
-        *(app or [str(APP)]),
-        "-m",
-        f"hydra.sweep.dir={tmp_path / sweep_dir}",
-        *overrides,
-    ]
-    return subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    app = app or [str(APP)]
+    script, *args = app[1:] if app[0] == "-m" else app  # a module (`-m name`) or a script
+    return run(
+        script, *args, "-m", f"hydra.sweep.dir={tmp_path / sweep_dir}", *overrides, cwd=tmp_path, env=ENV
+    )
 
 
 def load_trials(storage: str, study_name: str = "visiontune") -> list:
@@ -193,13 +188,7 @@ def test_end_of_study_writes_plots_and_a_best_yaml_that_reruns_the_best(tmp_path
     assert "epochs=2" in best["overrides"]
     # the command line in best.yaml trains the best trial again, as a single run
     args = shlex.split(best["command"])[1:]
-    rerun = subprocess.run(
-        [sys.executable, *args, f"hydra.run.dir={tmp_path / 'rerun'}"],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    rerun = run(*args, f"hydra.run.dir={tmp_path / 'rerun'}", cwd=tmp_path, env=ENV)
     ok(rerun)
     assert json.loads((tmp_path / "rerun" / "metrics.json").read_text())["val/acc"] == pytest.approx(
         top.value
