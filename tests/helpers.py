@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -132,6 +133,7 @@ def run(
     env: dict | None = None,
     cwd: Path = ROOT,
     new_session: bool = False,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
     """`python -m module args...` (or `python script.py args...` where `module` ends in .py) in cwd, its
     output captured: a process of its own, forked from this one.
@@ -140,9 +142,14 @@ def run(
     CPU-seconds to import, and the suite starts about 30 commands), then behaves as `python -m` does:
     fresh stdio, logging, warning filters, signal handlers and exit handlers, the given environment, its
     own session if asked (`start_new_session`), and the exit code of `sys.exit` or of a signal. A test
-    of what happens when the interpreter itself exits, or of a separate installation, starts a real one.
+    of what happens when the interpreter itself exits, or of a separate installation, starts a real one,
+    and so does `fresh=True`: the sweeps whose launchers start process pools of their own (joblib's
+    loky, submitit) keep module-level pool state that a fork would inherit from earlier tests.
     """
     argv = [sys.executable, *([module] if module.endswith(".py") else ["-m", module]), *args]
+    if fresh:
+        return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                              start_new_session=new_session)  # fmt: skip
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -213,7 +220,8 @@ def _run_forked(module, args, out, err, env, cwd, new_session) -> None:
     except BaseException:
         traceback.print_exc()
     finally:
-        try:
+        try:  # what the interpreter does at exit: wait for threads (their exit hooks stop pools), then atexit
+            threading._shutdown()
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()

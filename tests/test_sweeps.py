@@ -34,9 +34,8 @@ def sweep(tmp_path: Path, *overrides: str, sweep_dir: str = "sweep", app: list[s
     """Run a multirun of the tiny app (or `app`) in tmp_path; the sweep dir is tmp_path/sweep_dir."""
     app = app or [str(APP)]
     script, *args = app[1:] if app[0] == "-m" else app  # a module (`-m name`) or a script
-    return run(
-        script, *args, "-m", f"hydra.sweep.dir={tmp_path / sweep_dir}", *overrides, cwd=tmp_path, env=ENV
-    )
+    return run(script, *args, "-m", f"hydra.sweep.dir={tmp_path / sweep_dir}", *overrides, cwd=tmp_path, env=ENV,
+               fresh=True)  # fmt: skip
 
 
 def load_trials(storage: str, study_name: str = "visiontune") -> list:
@@ -56,7 +55,7 @@ def test_two_parallel_workers_share_one_study(tmp_path):
     ok(result)
     trials = load_trials(str(journal))
     assert sorted(t.number for t in trials) == list(range(6))
-    assert all(t.state == States.COMPLETE for t in trials)
+    assert all(t.state == States.COMPLETE for t in trials), [t.state for t in trials]
     assert len({t.params["x"] for t in trials}) == 6
     runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
     assert len(runs) == 6
@@ -188,7 +187,7 @@ def test_end_of_study_writes_plots_and_a_best_yaml_that_reruns_the_best(tmp_path
     assert "epochs=2" in best["overrides"]
     # the command line in best.yaml trains the best trial again, as a single run
     args = shlex.split(best["command"])[1:]
-    rerun = run(*args, f"hydra.run.dir={tmp_path / 'rerun'}", cwd=tmp_path, env=ENV)
+    rerun = run(*args, f"hydra.run.dir={tmp_path / 'rerun'}", cwd=tmp_path, env=ENV, fresh=True)
     ok(rerun)
     assert json.loads((tmp_path / "rerun" / "metrics.json").read_text())["val/acc"] == pytest.approx(
         top.value
