@@ -19,6 +19,15 @@ m = json.load(open(sys.argv[1]))
 print(f"{sys.argv[2]:>10}: test/acc {m['test/acc']:.4f}  fit {m['train_time_s']:.1f} s  {m['images_per_s']:.0f} img/s")
 PYEOF
 done
+# LoRA (peft layers) under bf16-mixed on CUDA: trains, writes its adapter, and the adapter evaluates alike.
+if "$PY" -m visiontune.train experiment=fashion_mnist_lite0 restart=true trainer=gpu trainer.precision=bf16-mixed \
+    finetune=lora data.batch_size=256 data.num_workers=4 callbacks.progress.refresh_rate=50 \
+    hydra.run.dir="$out/lora" >"$out/lora.log" 2>&1 \
+  && "$PY" -m visiontune.eval ckpt_path="$out/lora/adapter.safetensors" hydra.run.dir="$out/lora_eval" >>"$out/lora.log" 2>&1; then
+  "$PY" -c "import json; a, b = (json.load(open(f'$out/{d}/metrics.json'))['test/acc'] for d in ('lora', 'lora_eval')); print(f'      lora: test/acc {a:.4f}, from the adapter file {b:.4f}')"
+else
+  echo "lora: FAILED (see $out/lora.log)"
+fi
 # The benchmark (scripts/benchmark.py) on CUDA with bf16-mixed and channels_last: framework overhead,
 # loader efficiency (in memory, JPEG folder with and without data.cache), feature cache, frozen prefix.
 "$PY" scripts/benchmark.py --device cuda --precision bf16-mixed --channels-last --only a,b,c,d \

@@ -95,7 +95,7 @@ ROWS = [
     row("export", ["ckpt_path={inputs}/image_size.ckpt"], "invalid stored setting data.image_size=-1"),
     row("export", ["ckpt_path={ckpt}", "format=bogus"], "format=bogus is unknown"),
     # serve (its HTTP bad requests: the last test)
-    row("serve", ["port={port}"], "give exactly one of ckpt_path=<best.ckpt> or model=<model.onnx>"),
+    row("serve", ["port={port}"], "give exactly one of ckpt_path=<best.ckpt>, model=<model.onnx> or adapters="),
     row("serve", ["ckpt_path={ckpt}", "port=99999"], "port=99999 is not a TCP port"),
     row("serve", ["ckpt_path={ckpt}", "port=abc"], "port=abc is not a TCP port"),
     row("serve", ["ckpt_path={ckpt}", "port={port}", "max_batch_size=abc"], "max_batch_size=abc must be a whole"),

@@ -104,6 +104,7 @@ def run_cli(task, cfg: DictConfig):
     try:
         check_checkpoint_settings_on_load()
         check_required(cfg.get("task_name") or task.__module__.rpartition(".")[2], cfg)
+        check_dict_overrides(sys.argv[1:])
         made = make_output_dir(cfg)
         return task(cfg)
     except (UserError, MissingMandatoryValue) as exc:
@@ -136,6 +137,38 @@ def check_required(command: str, cfg: DictConfig) -> None:
     if missing:
         wanted = " ".join(f"{k}={REQUIRED.get(k, '<value>')}" for k in missing)
         raise UserError(f"{command} needs {wanted}")
+
+
+def top_level_keys(text: str) -> list[str]:
+    """The keys of a `{k: v, ...}` override value at its outer level (nested braces, lists and quotes skipped)."""
+    keys, depth, quote, start = [], 0, None, 1
+    for i, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+        elif char == "," and depth == 1:
+            start = i + 1
+        elif char == ":" and depth == 1 and start is not None:
+            keys.append(text[start:i].strip().strip("'\""))
+            start = None
+    return keys
+
+
+def check_dict_overrides(argv: list[str]) -> None:
+    """A dict given on the command line names each key once: Hydra would keep the last one silently."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if not value.startswith("{"):
+            continue
+        keys = top_level_keys(value)
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise UserError(f"{key.lstrip('+~')}: {', '.join(twice)} is given twice; each name once")
 
 
 def make_output_dir(cfg: DictConfig) -> Path | None:

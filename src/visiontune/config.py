@@ -223,6 +223,33 @@ class Model:
     compile: bool = key("torch.compile the model (refused with strategies that unfreeze later)")
 
 
+def lora_target(value, cfg) -> str | None:
+    patterns = [value] if isinstance(value, str) else list(value)
+    if value == "auto":
+        return None
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            return "auto or a list of regexes over layer names"
+        problem = regex(pattern, cfg)
+        if problem:
+            return problem
+    return None
+
+
+@dataclass
+class Lora:
+    """finetune.lora: the adapters of finetune=lora."""
+
+    r: int = key("the rank of each low-rank update", ge=1)
+    alpha: float = key("the update is scaled by alpha / r", gt=0)
+    dropout: float = key("dropout on the adapters' input", ge=0, lt=1)
+    target: str | list[str] = key(
+        "auto (Linear and 1x1 conv layers, and the top group's convs) or regexes over layer names",
+        check=lora_target,
+        says="auto or a list of regexes over layer names",
+    )
+
+
 @dataclass
 class Finetune:
     """finetune: the strategy, which layers train when, and the per-layer LRs."""
@@ -230,7 +257,7 @@ class Finetune:
     name: Literal[tuple(FREEZE_SCHEDULES)] = key("the strategy", required=True)
     backbone_lr_mult: float = key("backbone LR = optimizer.lr x backbone_lr_mult x layer_decay**depth", ge=0)
     layer_decay: float = key("LR factor per group down from the top (1 = the same LR)", gt=0, le=1)
-    train_bn: bool = key("frozen BatchNorm layers train their gamma/beta (stats stay frozen)")
+    train_bn: bool = key("frozen BatchNorm layers train their gamma/beta and update their statistics")
     unfreeze_warmup_steps: int = key("steps over which a newly unfrozen group ramps its LR up", ge=0)
     soft_freeze: AutoOrBool = key("freeze by LR 0 instead of requires_grad=False (auto = under DDP)")
     cache_features: AutoOrBool = key("run the frozen bottom layers once per image (auto = where exact)")
@@ -240,11 +267,12 @@ class Finetune:
     every_k_epochs: int = key("gradual: one more group unfreezes every k epochs", ge=1)
     milestones: list[int] | None = key("gradual: the epochs at which the next group unfreezes")
     groups: int | str | list[int] | None = key(
-        'freeze_groups: the frozen groups, a slice "0:3", an index or a list',
+        'freeze_groups: the frozen groups; lora: the groups with no adapter (a slice "0:3", an index, a list)',
         check=group_selection,
         says='null, an integer, a list of integers, or a slice string "start:stop" like "0:3"',
     )
-    pattern: str | None = key("freeze_groups: a regex over the group names to freeze", check=regex)
+    pattern: str | None = key("freeze_groups, lora: a regex over the group names, as groups", check=regex)
+    lora: Lora = key("lora: the rank, scaling, dropout and target layers of the adapters")
 
 
 @dataclass

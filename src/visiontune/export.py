@@ -25,6 +25,7 @@ check has passed; the temporaries of an export that was killed are removed by th
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from visiontune.deploy.inference import quiet_warnings, raw_image
 from visiontune.deploy.preprocess import INTERPOLATIONS, load_spec, preprocess_image
 from visiontune.deploy.session import ExportedModel, InferenceSession
 from visiontune.errors import UserError
+from visiontune.models.adapters import lora_layers, merge_lora
 from visiontune.models.heads import head_probabilities
 
 log = logging.getLogger("visiontune")
@@ -55,12 +57,18 @@ class Deployable(nn.Module):
     """The network alone (backbone, then head: no Lightning state, so it traces and exports) with the
     temperature folded in: image batch -> each head's probabilities, or logits with output="logits".
 
-    The parity check compares it against the session's own probabilities, so a wrong assembly fails there.
+    LoRA adapters are merged into their layers' weights here, so the exported graph is the plain backbone.
+    The parity check compares it against the session's own (unmerged) probabilities, so a wrong assembly
+    or merge fails there.
     """
 
     def __init__(self, session: InferenceSession, output: str):
         super().__init__()
-        self.net = nn.Sequential(session.model.backbone, session.model.head)
+        model = session.model
+        if lora_layers(model):  # finetune=lora: the updates folded into the weights, on a copy of the model
+            model = copy.deepcopy(model)
+            log.info("merged %d LoRA layers into their weights", merge_lora(model))
+        self.net = nn.Sequential(model.backbone, model.head)
         self.heads, self.temperature, self.output = session.heads, session.temperature, output
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

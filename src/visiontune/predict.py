@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from visiontune.cli import CONF_DIR, data_patch, print_summary, run_cli
+from visiontune.cli import CONF_DIR, REQUIRED, data_patch, print_summary, run_cli
 from visiontune.data.files import IMAGE_EXTENSIONS, check_image
 from visiontune.data.images import DEFAULT_MAX_PIXELS, open_image
 from visiontune.data.indexed import Indexed
@@ -188,11 +188,28 @@ def predict(cfg: DictConfig, patch: dict | None = None) -> dict:
     max_pixels = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
     if max_pixels is not None and (type(max_pixels) is not int or max_pixels < 1):
         raise UserError(f"max_pixels={max_pixels} must be a whole number of pixels, at least 1 (null = none)")
+    adapters = cfg.get("adapters")
+    if bool(cfg.get("ckpt_path")) == bool(adapters):
+        raise UserError(
+            f"predict needs ckpt_path={REQUIRED['ckpt_path']} (or adapters='{{task: adapter.safetensors, ...}}', "
+            "not both)"
+        )
     files = resolve_inputs(inputs) if split is None else None  # bad paths fail before the model loads
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     patch = data_patch(cfg) if patch is None else patch
+    if adapters:  # one backbone, several adapters: one CSV each
+        sessions = InferenceSession.from_adapters(adapters, device_setting(cfg))
+        return {name: predict_with(s, cfg, split, files, run_dir / f"predictions_{name}.csv")
+                for name, s in sessions.items()}  # fmt: skip
     session = InferenceSession.from_checkpoint(cfg.ckpt_path, device_setting(cfg), patch)
+    return predict_with(session, cfg, split, files, run_dir / "predictions.csv")
+
+
+def predict_with(session: InferenceSession, cfg: DictConfig, split: str | None, files, out: Path) -> dict:
+    """Predict the files (or the split) with one model; write `out` and return the summary."""
+    max_pixels = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
+    run_dir = out.parent
     if split is None:
         dataset = FileInputs(files, session.transform, max_pixels)
         names = [str(p) for p in files]
@@ -205,7 +222,7 @@ def predict(cfg: DictConfig, patch: dict | None = None) -> dict:
     batch_size = int(cfg.batch_size or session.datamodule.cfg.get("batch_size") or 32)
     rows = run_predictions(session, dataset, names, int(cfg.topk), cfg.tta, batch_size, int(cfg.num_workers))
     columns = ["path", *outputs.head_columns(session.task, split is not None, int(cfg.topk)), "error"]
-    write_rows(rows, columns, run_dir / "predictions.csv")
+    write_rows(rows, columns, out)
     errors = sum(1 for r in rows if r["error"])
     summary = {"images": len(rows) - errors, "errors": errors, "temperature": session.temperature}
     for column in [c for c in columns if c.endswith("correct")]:  # correct, or <head>/correct
@@ -218,7 +235,7 @@ def predict(cfg: DictConfig, patch: dict | None = None) -> dict:
         if row["error"]:
             log.warning("skipped %s: %s", shown(row["path"]), row["error"])
     print_summary(summary, run_dir, keys=tuple(summary))
-    print(f"predictions: {run_dir / 'predictions.csv'}")
+    print(f"predictions: {out}")
     return summary
 
 

@@ -6,6 +6,9 @@
   A multilabel model answers `{"labels": [{"label", "prob"}, ...], "probs": {label: prob}}` (the labels
   at or above their thresholds), a multitask one `{"heads": {<head>: <its answer>}}`.
 - `GET /health`: `{"status": "ok", ...}` with request and batch counters.
+- `adapters='{fmnist: A.safetensors, digits: B.safetensors}'` serves several adapter files of
+  parameter-efficient runs on one backbone, which they share in memory: `POST /predict?task=fmnist`
+  (a task it does not have: 404 with the names; none named: 400).
 - Requests that arrive together are run as one batch: up to `max_batch_size` images, collected for
   at most `batch_timeout` seconds after the first one (a small asyncio queue in front of one model
   thread; see MicroBatcher).
@@ -26,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -187,50 +191,69 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
                topk: int = 5, max_pending: int = 256,
                max_pixels: int | None = DEFAULT_MAX_PIXELS):  # fmt: skip
     """The FastAPI app around `predictor` (an InferenceSession, or any callable: list of RGB images ->
-    probabilities (N, outputs), with `class_names`, `temperature`, `source` and `task`, the task_spec)."""
-    batcher = MicroBatcher(predictor, max_batch_size, batch_timeout)
-    names = predictor.class_names
-    k = max(1, min(int(topk), len(names)))
+    probabilities (N, outputs), with `class_names`, `temperature`, `source` and `task`, the task_spec),
+    or around several, {task name: predictor}, which `POST /predict?task=<name>` picks from."""
+    named = isinstance(predictor, Mapping)
+    predictors = dict(predictor) if named else {None: predictor}
+    batchers = {name: MicroBatcher(p, max_batch_size, batch_timeout) for name, p in predictors.items()}
     started = time.time()
     pending = [0]  # requests admitted and not answered yet (the event loop is one thread: no lock)
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.start()
+        for batcher in batchers.values():
+            batcher.start()
         yield
-        await batcher.stop()
+        for batcher in batchers.values():
+            await batcher.stop()
 
     app = FastAPI(title="visiontune", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.batchers = batchers
+    app.state.batcher = next(iter(batchers.values()))
 
-    @app.get("/health")
-    async def health():
+    def about(p, batcher) -> dict:
         return {
-            "status": "ok",
-            "model": predictor.source,
-            "classes": len(names),
-            "temperature": predictor.temperature,
-            "task": predictor.task["name"],
-            "max_batch_size": batcher.max_batch_size,
+            "model": p.source,
+            "classes": len(p.class_names),
+            "temperature": p.temperature,
+            "task": p.task["name"],
             "requests": batcher.items,
             "batches": batcher.batches,
             "largest_batch": batcher.largest,
-            "uptime_s": round(time.time() - started, 1),
         }
+
+    @app.get("/health")
+    async def health():
+        status = {"status": "ok", "max_batch_size": app.state.batcher.max_batch_size}
+        if named:
+            status["tasks"] = {name: about(predictors[name], b) for name, b in batchers.items()}
+        else:
+            status.update(about(predictor, app.state.batcher))
+        return {**status, "uptime_s": round(time.time() - started, 1)}
 
     @app.post("/predict")
     async def predict(request: Request):
+        task = request.query_params.get("task")
+        if named and task not in predictors:
+            listed = ", ".join(predictors)
+            if task is None:
+                return JSONResponse({"error": f"name a task: /predict?task=<{listed}>"}, status_code=400)
+            return JSONResponse({"error": f"unknown task {task!r}; the tasks are {listed}"}, status_code=404)
+        if not named and task is not None:
+            return JSONResponse(
+                {"error": f"task={task}: this service runs one model (no ?task=)"}, status_code=404
+            )
         if pending[0] >= max_pending:
             return JSONResponse(
                 {"error": f"busy: {max_pending} requests in hand; retry later"}, status_code=503
             )
         pending[0] += 1
         try:
-            return await answer(request)
+            return await answer(request, predictors[task], batchers[task])
         finally:
             pending[0] -= 1
 
-    async def answer(request: Request):
+    async def answer(request: Request, p, batcher):
         try:
             data = await image_bytes(request, max_bytes)
             image = await run_in_threadpool(decode, data, max_pixels)
@@ -241,7 +264,7 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
         except Exception as exc:  # noqa: BLE001 - the model failed on this image: a JSON 500, not a crash
             log.exception("prediction failed")
             return JSONResponse({"error": f"prediction failed ({type(exc).__name__})"}, status_code=500)
-        return describe(probs, predictor.task, k)
+        return describe(probs, p.task, max(1, min(int(topk), len(p.class_names))))
 
     return app
 
@@ -263,10 +286,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_predictor(cfg: DictConfig) -> InferenceSession:
-    ckpt, onnx = cfg.get("ckpt_path"), cfg.get("model_file")
-    if bool(ckpt) == bool(onnx):
-        raise UserError("give exactly one of ckpt_path=<best.ckpt> or model=<model.onnx>")
+def make_predictor(cfg: DictConfig) -> InferenceSession | dict[str, InferenceSession]:
+    ckpt, onnx, adapters = cfg.get("ckpt_path"), cfg.get("model_file"), cfg.get("adapters")
+    if sum(bool(x) for x in (ckpt, onnx, adapters)) != 1:
+        raise UserError(
+            "give exactly one of ckpt_path=<best.ckpt>, model=<model.onnx> or adapters='{task: adapter.safetensors, ...}'"
+        )
+    if adapters:
+        return InferenceSession.from_adapters(adapters, device_setting(cfg))
     if onnx:
         if not str(onnx).endswith(".onnx"):
             raise UserError(f"model={onnx} is not an .onnx file. Fix: model=<export run dir>/model.onnx")
@@ -328,7 +355,8 @@ def serve(cfg: DictConfig) -> None:
         app = create_app(predictor, int(cfg.max_batch_size), float(cfg.batch_timeout), int(cfg.max_bytes),
                          int(cfg.topk), int(cfg.max_pending), max_pixels)  # fmt: skip
         host, port = sock.getsockname()[:2]
-        print(f"serving {predictor.source} on http://{host}:{port} (POST /predict, GET /health)", flush=True)
+        what = f"tasks {', '.join(predictor)}" if isinstance(predictor, Mapping) else predictor.source
+        print(f"serving {what} on http://{host}:{port} (POST /predict, GET /health)", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level=str(cfg.log_level))).run(sockets=[sock])
     finally:
         sock.close()

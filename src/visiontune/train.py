@@ -26,6 +26,9 @@ from visiontune.cli import CONF_DIR, SUMMARY_KEYS, RunStopped, print_summary, ru
 from visiontune.config import validate_config
 from visiontune.data.temporaries import write_json
 from visiontune.errors import UserError
+from visiontune.models.adapters import ADAPTER_FILE
+from visiontune.training.checkpoints import load_checkpoint, save_adapter
+from visiontune.training.finetune import ParameterEfficient
 
 log = logging.getLogger("visiontune")
 
@@ -72,12 +75,31 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float:
     if suggestion is not None:
         metrics["lr_find/suggestion"] = suggestion
     if trainer.is_global_zero:
+        adapter = write_adapter(model, run.best.best_model_path, run_dir)
+        if adapter is not None:
+            metrics.update(adapter_file=str(adapter), adapter_mb=round(adapter.stat().st_size / 1e6, 3))
         write_json(run_dir / "metrics.json", metrics, indent=2, sort_keys=True)  # never a half-written file
         # a task's per-head test figures (test/<head>/acc, test/map, ...) follow the monitor
         ends = ("/acc", "/map", "/f1", "/score")
         heads = sorted(k for k in metrics if k.startswith("test/") and k.endswith(ends))
         print_summary(metrics, run_dir, keys=tuple(dict.fromkeys((monitor, *heads, *SUMMARY_KEYS))))
     return metrics.get(cfg.get("optimized_metric") or monitor, float("nan"))
+
+
+def write_adapter(model, best_path: str, run_dir: Path) -> Path | None:
+    """A parameter-efficient run (finetune=lora|bitfit|norm) writes what it trained, from its best
+    checkpoint, as adapter.safetensors: the pretrained backbone and that file rebuild the model."""
+    if not isinstance(model.freeze_schedule, ParameterEfficient) or not best_path:
+        return None
+    if not model.hparams.model.get("pretrained", True):
+        log.info("no %s: the backbone has no pretrained weights to rebuild it from (model.pretrained=false)",
+                 ADAPTER_FILE)  # fmt: skip
+        return None
+    path = save_adapter(model, load_checkpoint(best_path), run_dir)
+    log.info(
+        "%s: the trained tensors, %.2f MB (ckpt_path=%s loads it)", path.name, path.stat().st_size / 1e6, path
+    )
+    return path
 
 
 def fit(run: Run, ckpt_path: str | Path | None) -> None:

@@ -17,7 +17,9 @@ head, a sigmoid per label of a multilabel head.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +182,39 @@ class InferenceSession:
         session.model, session.device, session.patch = model, target, dict(patch or {})
         session.heads = list(model.heads)  # with their loss weights, which the plain spec does not carry
         return session
+
+    @classmethod
+    def from_adapters(cls, adapters, device: str = "auto") -> dict[str, InferenceSession]:
+        """Task name -> the session of its adapter file (adapter.safetensors of a finetune=lora|bitfit|norm
+        run), all on one backbone, whose tensors the models share (`models.adapters.share_base`)."""
+        from visiontune.models.adapters import share_base
+
+        if not isinstance(adapters, Mapping) or not adapters:
+            raise UserError(
+                f"adapters={adapters}: give task names and adapter files, adapters='{{a: A, b: B}}'"
+            )
+        sessions = {}
+        for name, path in adapters.items():
+            if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or not isinstance(path, str):
+                raise UserError(
+                    f"adapters: {name!r}: {path!r} must be a task name (letters, digits, _ . -) and an adapter file"
+                )
+            if not path.endswith(".safetensors"):
+                raise UserError(
+                    f"adapters: {name}={path} is not an adapter file. Fix: <run dir>/adapter.safetensors"
+                )
+            sessions[name] = cls.from_checkpoint(path, device)
+        backbones = {name: s.model.hparams.model["backbone"] for name, s in sessions.items()}
+        first = next(iter(backbones))
+        if len(set(backbones.values())) > 1:
+            other = next(n for n in backbones if backbones[n] != backbones[first])
+            raise UserError(
+                f"adapters: {other} is for {backbones[other]}, {first} for {backbones[first]}: one service "
+                "shares one backbone. Fix: serve each backbone's adapters separately"
+            )
+        shared = share_base([s.model for s in sessions.values()])
+        log.info("%d adapters on one %s (%d tensors shared)", len(sessions), backbones[first], shared)
+        return sessions
 
     @classmethod
     def from_export(cls, path) -> InferenceSession:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import os
 import re
 import shutil
@@ -25,7 +26,9 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from visiontune.data.temporaries import temp_path, write_json
 from visiontune.errors import UserError, one_line
+from visiontune.models.adapters import ADAPTER_FILE, adapter_keys
 from visiontune.models.structure import apply_structure
 from visiontune.training.module import ImageClassifier
 
@@ -206,11 +209,14 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
-    """Rebuild a trained model from its checkpoint alone, in eval mode.
+    """Rebuild a trained model from its checkpoint alone (or from an adapter file and its pretrained
+    backbone: `load_adapter`), in eval mode.
 
     The backbone is built with random init and then takes the checkpoint's weights, so nothing is
     downloaded and a `file:` backbone does not need its original weights file.
     """
+    if str(ckpt_path).endswith(".safetensors"):
+        return load_adapter(ckpt_path)
     checkpoint = load_checkpoint(ckpt_path)
     hparams = dict(checkpoint["hyper_parameters"])
     present = {  # what the model is built from
@@ -232,5 +238,60 @@ def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
     except RuntimeError as exc:
         raise UserError(
             f"{ckpt_path}: the weights do not fit the model it describes ({str(exc).splitlines()[0]})"
+        ) from None
+    return model.eval()
+
+
+# ---------------------------------------------------------------- parameter-efficient runs
+
+
+def save_adapter(model, checkpoint: dict, folder: Path) -> Path:
+    """`adapter.safetensors` (the trained tensors of `checkpoint`'s state_dict) and `adapter.json` (the
+    model's hyperparameters) in `folder`."""
+    from safetensors.torch import save_file
+
+    state = checkpoint["state_dict"]
+    tensors = {k: state[k].detach().contiguous() for k in adapter_keys(model) if k in state}
+    hparams = checkpoint["hyper_parameters"]
+    path = Path(folder) / ADAPTER_FILE
+    partial = temp_path(path)
+    save_file(tensors, str(partial), metadata={"visiontune": json.dumps(hparams)})
+    partial.replace(path)
+    write_json(path.with_name("adapter.json"), hparams)
+    return path
+
+
+def load_adapter(path: str | Path):
+    """An `ImageClassifier` from its pretrained backbone and an adapter file, in eval mode."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"adapter {path} does not exist. Fix: ckpt_path=<run dir>/{ADAPTER_FILE}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = (f.metadata() or {}).get("visiontune")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"adapter {path} is not a readable safetensors file ({exc})") from None
+    if not meta:
+        raise UserError(f"adapter {path} carries no visiontune settings: not written by a visiontune run")
+    hparams = json.loads(meta)
+    for check in SETTINGS_CHECKS:
+        check(hparams, str(path))
+    model = ImageClassifier(**{**hparams, "model": {**hparams["model"], "pretrained": True}})
+    expected = set(adapter_keys(model))
+    if set(tensors) != expected:
+        other = sorted(set(tensors) ^ expected)[:3]
+        raise UserError(
+            f"adapter {path} does not fit {hparams['model']['backbone']} with its finetune settings "
+            f"(tensors {other} differ)"
+        )
+    try:
+        model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise UserError(
+            f"adapter {path}: its tensors do not fit the model ({str(exc).splitlines()[0]})"
         ) from None
     return model.eval()

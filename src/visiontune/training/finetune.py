@@ -10,6 +10,8 @@ in), and `ApplyFreeze` reads it from the model to toggle `requires_grad` and Bat
 
 Because the frozen set is derived from the epoch, a resumed run lands in exactly the state of an
 uninterrupted one without storing anything (docs/architecture.md, "Invariants").
+The parameter-efficient schedules (bitfit, norm, lora: `ParameterEfficient`) train a fixed set of
+tensors inside the backbone, `trains(name)`, and freeze the groups that hold none of them.
 Frozen BatchNorm means eval mode: running statistics untouched and affine parameters frozen,
 unless `train_bn=true`. Lightning may call `model.train()` around validation, so the mode is
 re-applied at the start of every training batch, which costs a few attribute reads.
@@ -61,6 +63,14 @@ class FreezeSchedule:
 
     def frozen_groups(self, epoch: int) -> set[int]:
         return set()
+
+    def trains(self, name: str) -> bool:
+        """Whether backbone parameter `name` trains while its group is not frozen (here: all of them)."""
+        return True
+
+    def norm_frozen(self, group_frozen: bool) -> bool:
+        """Whether the BatchNorm layers of a group run in eval mode (statistics untouched)."""
+        return group_frozen and not self.train_bn
 
     def unfrozen_since(self, group: int, epoch: int) -> int | None:
         """First epoch of the current unfrozen stretch of `group`, or None while it is frozen."""
@@ -153,6 +163,83 @@ class FreezeGroups(FreezeSchedule):
         return set(self.frozen)
 
 
+class ParameterEfficient(FreezeSchedule):
+    """A few parameters inside the backbone train, the same ones for the whole run, and the head.
+
+    `trains(name)` picks them; a group with none of them is frozen whole (so a frozen bottom can be
+    cached). The set never changes, so there is no soft freeze under DDP: the reducer sees the
+    trainable parameters from the first step. Subclasses read the backbone's layers (`backbone`).
+    """
+
+    update_norm_stats = False  # do the norm layers run in training mode (their statistics adapt)?
+
+    def __init__(self, group_names: list[str], backbone=None, **kwargs):
+        if kwargs.get("soft_freeze") is True:
+            raise UserError(
+                f"finetune={self.name} trains the same parameters all run: soft_freeze does not apply"
+            )
+        kwargs["soft_freeze"] = False
+        super().__init__(group_names, **kwargs)
+        self.selected = self.select(backbone) if backbone is not None else set()
+        params = backbone.group_parameters() if backbone is not None else [[] for _ in group_names]
+        self.frozen = {i for i, named in enumerate(params) if not any(n in self.selected for n, _ in named)}
+
+    def select(self, backbone) -> set[str]:
+        raise NotImplementedError
+
+    def trains(self, name: str) -> bool:
+        return name in self.selected
+
+    def frozen_groups(self, epoch: int) -> set[int]:
+        return set(self.frozen)
+
+    def norm_frozen(self, group_frozen: bool) -> bool:
+        return not self.update_norm_stats
+
+
+class BitFit(ParameterEfficient):
+    """BitFit: the backbone's biases (norm layers' included) and the head."""
+
+    name = "bitfit"
+
+    def select(self, backbone) -> set[str]:
+        return {n for n, _ in backbone.named_parameters() if n.endswith(".bias")}
+
+
+class NormOnly(ParameterEfficient):
+    """The norm layers' affine parameters and the head; BatchNorm statistics adapt to the new data."""
+
+    name = "norm"
+    update_norm_stats = True
+
+    def select(self, backbone) -> set[str]:
+        from visiontune.models.adapters import NORM_TYPES
+
+        return {
+            f"{module_name}.{n}"
+            for module_name, module in backbone.named_modules()
+            if isinstance(module, NORM_TYPES)
+            for n, _ in module.named_parameters(recurse=False)
+        }
+
+
+class Lora(ParameterEfficient):
+    """LoRA: low-rank updates of chosen Linear/Conv2d layers (models/adapters.py adds them to the backbone
+    before this schedule is made), and the head. `groups`/`pattern` (as freeze_groups') name groups that
+    get no adapter: frozen whole."""
+
+    name = "lora"
+
+    def __init__(self, group_names, backbone=None, lora: dict | None = None, groups=None, pattern=None, **kw):
+        # lora, groups and pattern shape the adapters, which the model adds before it makes this schedule
+        super().__init__(group_names, backbone=backbone, **kw)
+
+    def select(self, backbone) -> set[str]:
+        from visiontune.models.adapters import LORA_MARK
+
+        return {n for n, _ in backbone.named_parameters() if LORA_MARK in n}
+
+
 def _index(text: str, n: int, what: str) -> int:
     try:
         i = int(text)
@@ -208,19 +295,25 @@ def select_groups(names: list[str], groups: str | int | list[int] | None, patter
     return chosen
 
 
-SCHEDULES = {cls.name: cls for cls in (Full, LinearProbe, FreezeUnfreeze, Gradual, FreezeGroups)}
+SCHEDULES = {
+    cls.name: cls
+    for cls in (Full, LinearProbe, FreezeUnfreeze, Gradual, FreezeGroups, BitFit, NormOnly, Lora)
+}
 
 
 # keys of the finetune group read by the frozen-feature cache (visiontune.training.features), not by a schedule
 CACHE_KEYS = ("cache_features", "cache_views", "cache_dir")
 
 
-def create_schedule(cfg: dict, group_names: list[str]) -> FreezeSchedule:
-    """The schedule of the `finetune` config group (every key but `CACHE_KEYS` is its argument)."""
+def create_schedule(cfg: dict, group_names: list[str], backbone=None) -> FreezeSchedule:
+    """The schedule of the `finetune` config group (every key but `CACHE_KEYS` is its argument). The
+    parameter-efficient ones read which parameters they train from `backbone`."""
     kwargs = {k: v for k, v in cfg.items() if k not in CACHE_KEYS}
     name = kwargs.pop("name", "full")
     if name not in SCHEDULES:
         raise UserError(f"unknown fine-tuning strategy finetune={name}; choose one of {', '.join(SCHEDULES)}")
+    if issubclass(SCHEDULES[name], ParameterEfficient):
+        kwargs["backbone"] = backbone
     try:
         return SCHEDULES[name](group_names, **kwargs)
     except TypeError as exc:  # an unknown key for this strategy
@@ -273,10 +366,10 @@ class ApplyFreeze(L.Callback):
             bn_params = {
                 id(p) for m in modules if isinstance(m, _BatchNorm) for p in m.parameters(recurse=False)
             }
-            for _, p in named:
+            for n, p in named:
                 trainable_bn = schedule.train_bn and id(p) in bn_params
-                p.requires_grad_(schedule.soft or not is_frozen or trainable_bn)
-            if is_frozen and not schedule.train_bn:
+                p.requires_grad_(schedule.soft or (not is_frozen and schedule.trains(n)) or trainable_bn)
+            if schedule.norm_frozen(is_frozen):
                 self._frozen_bn += [m for m in modules if isinstance(m, _BatchNorm)]
         if bn and pl_module.training:
             frozen_bn = {id(m) for m in self._frozen_bn}

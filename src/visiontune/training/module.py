@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visiontune.models.adapters import add_lora
 from visiontune.models.backbones import Activations, create_backbone
 from visiontune.models.heads import Head, build_head, head_probabilities, resolve_task
 from visiontune.training import tasks
-from visiontune.training.finetune import create_schedule
+from visiontune.training.finetune import create_schedule, select_groups
 from visiontune.training.param_groups import build_param_groups, describe_lrs
 from visiontune.training.schedules import lr_factor, plateau_update
 
@@ -38,6 +39,26 @@ def make_optimizer(cfg: dict, groups: list[dict]) -> torch.optim.Optimizer:
     if name == "adamw":  # decoupled weight decay
         return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))))
     raise ValueError(f"unknown optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _add_lora(backbone, finetune: dict) -> None:
+    """finetune=lora: adapters (`lora.{r, alpha, dropout, target}`) in every group but those that
+    `groups`/`pattern` name, as freeze_groups' keys do."""
+    lora = dict(finetune.get("lora") or {})
+    groups, pattern = finetune.get("groups"), finetune.get("pattern")
+    skip = (
+        select_groups([g.name for g in backbone.groups], groups, pattern)
+        if groups is not None or pattern
+        else set()
+    )
+    add_lora(
+        backbone,
+        lora.get("r", 8),
+        lora.get("alpha", 16),
+        lora.get("dropout", 0.0),
+        lora.get("target", "auto"),
+        skip,
+    )
 
 
 class ImageClassifier(L.LightningModule):
@@ -89,8 +110,11 @@ class ImageClassifier(L.LightningModule):
             optim.get("optimizer") or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}
         )
         self.scheduler_cfg = dict(optim.get("scheduler") or {"name": "none"})
+        finetune = dict(optim.get("finetune") or {"name": "full"})
+        if finetune["name"] == "lora":  # the adapters are layers of the backbone, before anything reads it
+            _add_lora(self.backbone, finetune)
         self.freeze_schedule = create_schedule(
-            optim.get("finetune") or {"name": "full"}, [g.name for g in self.backbone.groups]
+            finetune, [g.name for g in self.backbone.groups], self.backbone
         )
         self.label_smoothing = float(model.get("label_smoothing", 0.0))
         self.channels_last = bool(model.get("channels_last", False))
