@@ -6,7 +6,8 @@ Defaults: the LoRA r=8 adapter and the full fine-tuning checkpoint of `scripts/c
 --peft` (outputs/compare_peft/). For N = 1, 2, 4, a fresh process loads the N tasks, as
 `visiontune-serve adapters=...` does (InferenceSession.from_adapters, the one adapter file under N
 task names) or as N services of full checkpoints would (InferenceSession.from_checkpoint N times), runs
-one batch of 8 images through each, and reports its peak resident memory (ru_maxrss).
+one batch of 8 images through each, and reports the tensors its models hold (each storage counted
+once) and its peak resident memory (ru_maxrss, which includes the imports and what loading freed).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ with torch.no_grad():
     for session in sessions:
         session.logits(torch.zeros(8, 3, 64, 64))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_mb": peak / 1024, "imports_mb": base / 1024}))
+held = {}  # the tensors the models hold, each storage once
+for session in sessions:
+    for t in [*session.model.parameters(), *session.model.buffers()]:
+        held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+print(json.dumps({"peak_mb": peak / 1024, "imports_mb": base / 1024, "tensors_mb": sum(held.values()) / 1e6}))
 """
 
 
@@ -42,10 +47,15 @@ def measure(kind: str, path: str, n: int) -> dict:
 def main() -> None:
     adapter = sys.argv[1] if len(sys.argv) > 1 else "outputs/compare_peft/lora_r_8/adapter.safetensors"
     checkpoint = sys.argv[2] if len(sys.argv) > 2 else "outputs/compare_peft/full/checkpoints/best.ckpt"
-    rows = ["| tasks | one backbone + N adapters | N full models |", "|---|---|---|"]
+    rows = [
+        "| tasks | adapters: weights held | adapters: peak RSS | full models: weights held | full models: peak RSS |",
+        "|---|---|---|---|---|",
+    ]
     for n in (1, 2, 4):
         a, f = measure("adapters", adapter, n), measure("full", checkpoint, n)
-        rows.append(f"| {n} | {a['peak_mb']:.0f} MB | {f['peak_mb']:.0f} MB |")
+        rows.append(
+            f"| {n} | {a['tensors_mb']:.1f} MB | {a['peak_mb']:.0f} MB | {f['tensors_mb']:.1f} MB | {f['peak_mb']:.0f} MB |"
+        )
         print(rows[-1], flush=True)
     print(f"(after imports alone: {a['imports_mb']:.0f} MB)")
     print("\n".join(rows))

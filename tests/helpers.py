@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing.process
+import multiprocessing.util
 import os
 import runpy
 import signal
@@ -179,6 +181,10 @@ def _run_forked(module, args, out, err, env, cwd, new_session) -> None:
     try:
         # as a DataLoader worker does: the parent's OpenMP threads did not survive the fork
         torch.set_num_threads(1)
+        # as multiprocessing does in a process it starts: the parent's children and finalizers are not ours
+        multiprocessing.process._children = set()
+        multiprocessing.util._finalizer_registry.clear()
+        multiprocessing.util._run_after_forkers()
         if new_session:
             os.setsid()
         for fd, file in ((1, out), (2, err)):

@@ -210,7 +210,9 @@ def help_text(overrides: list[str]) -> str:
 def test_help_lists_the_groups_without_the_private_bases_and_the_keys_with_their_docs():
     text = help_text([])
     assert "_base" not in text and "_standard" not in text
-    assert "  finetune: bitfit, freeze_groups, freeze_unfreeze, full*, gradual, linear_probe, lora, norm" in text
+    assert (
+        "  finetune: bitfit, freeze_groups, freeze_unfreeze, full*, gradual, linear_probe, lora, norm" in text
+    )
     assert "  optimizer: adam, adamw*, sgd" in text
     assert "  model.pretrained (bool) = true: load the backbone's pretrained weights" in text
     assert "  seed (int) = 42: " in text and "  data.strict (bool) = false: " in text
