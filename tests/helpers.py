@@ -135,7 +135,6 @@ def run(
     env: dict | None = None,
     cwd: Path = ROOT,
     new_session: bool = False,
-    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
     """`python -m module args...` (or `python script.py args...` where `module` ends in .py) in cwd, its
     output captured: a process of its own, forked from this one.
@@ -144,14 +143,11 @@ def run(
     CPU-seconds to import, and the suite starts about 30 commands), then behaves as `python -m` does:
     fresh stdio, logging, warning filters, signal handlers and exit handlers, the given environment, its
     own session if asked (`start_new_session`), and the exit code of `sys.exit` or of a signal. A test
-    of what happens when the interpreter itself exits, or of a separate installation, starts a real one,
-    and so does `fresh=True`: the sweeps whose launchers start process pools of their own (joblib's
-    loky, submitit) keep module-level pool state that a fork would inherit from earlier tests.
+    of what happens when the interpreter itself exits, or of a separate installation, starts a real one.
+    The fork also inherits what earlier tests left in this process's modules: a test that leaves
+    something behind (wandb's logger does) runs its command through here too.
     """
     argv = [sys.executable, *([module] if module.endswith(".py") else ["-m", module]), *args]
-    if fresh:
-        return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                              start_new_session=new_session)  # fmt: skip
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     sys.stdout.flush()
     sys.stderr.flush()

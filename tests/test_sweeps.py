@@ -34,8 +34,9 @@ def sweep(tmp_path: Path, *overrides: str, sweep_dir: str = "sweep", app: list[s
     """Run a multirun of the tiny app (or `app`) in tmp_path; the sweep dir is tmp_path/sweep_dir."""
     app = app or [str(APP)]
     script, *args = app[1:] if app[0] == "-m" else app  # a module (`-m name`) or a script
-    return run(script, *args, "-m", f"hydra.sweep.dir={tmp_path / sweep_dir}", *overrides, cwd=tmp_path, env=ENV,
-               fresh=True)  # fmt: skip
+    return run(
+        script, *args, "-m", f"hydra.sweep.dir={tmp_path / sweep_dir}", *overrides, cwd=tmp_path, env=ENV
+    )
 
 
 def load_trials(storage: str, study_name: str = "visiontune") -> list:
@@ -187,7 +188,7 @@ def test_end_of_study_writes_plots_and_a_best_yaml_that_reruns_the_best(tmp_path
     assert "epochs=2" in best["overrides"]
     # the command line in best.yaml trains the best trial again, as a single run
     args = shlex.split(best["command"])[1:]
-    rerun = run(*args, f"hydra.run.dir={tmp_path / 'rerun'}", cwd=tmp_path, env=ENV, fresh=True)
+    rerun = run(*args, f"hydra.run.dir={tmp_path / 'rerun'}", cwd=tmp_path, env=ENV)
     ok(rerun)
     assert json.loads((tmp_path / "rerun" / "metrics.json").read_text())["val/acc"] == pytest.approx(
         top.value
