@@ -8,6 +8,7 @@ pretrained backbone; a resumed run ends where an uninterrupted one does.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -286,3 +287,17 @@ def test_lora_above_frozen_groups_trains_on_their_cached_output(tmp_path):
     train(compose_cfg(run, tmp_path))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["feature_cache_s"] > 0 and metrics["test/acc"] >= 0
+
+
+def test_adapters_of_two_backbones_are_refused_in_one_line(monkeypatch):
+    """One service shares one backbone: a second backbone is named, with the fix."""
+
+    def loaded(path, device="auto"):
+        backbone = "efficientnet_lite1" if "b" in path else "efficientnet_lite0"
+        return SimpleNamespace(model=SimpleNamespace(hparams=SimpleNamespace(model={"backbone": backbone})))
+
+    monkeypatch.setattr(InferenceSession, "from_checkpoint", staticmethod(loaded))
+    with pytest.raises(
+        UserError, match=r"adapters: b is for efficientnet_lite1, a for efficientnet_lite0: one service"
+    ):
+        InferenceSession.from_adapters({"a": "x.safetensors", "b": "b.safetensors"}, "cpu")
