@@ -207,7 +207,7 @@ def _run_forked(module, args, out, err, env, cwd, new_session) -> None:
         warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
         GlobalHydra.instance().clear()
         script = module.endswith(".py")
-        sys.argv = [module if script else module, *args]
+        sys.argv = [module, *args]
         sys.path[0] = str(Path(module).resolve().parent) if script else str(cwd)
         if script:
             runpy.run_path(module, run_name="__main__")
