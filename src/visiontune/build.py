@@ -95,9 +95,8 @@ def build_run(
     datamodule.check_splits()  # before the feature cache reads them: an empty split is one line
     cache = plan_feature_cache(model, cfg, resumed_epoch)
     if cfg.model.compile:
-        if (
-            cfg.finetune.name == "lora"
-        ):  # it trains correctly, only no faster (seen with peft 0.21, torch 2.14)
+        # LoRA trains correctly compiled, only no faster (seen with peft 0.21, torch 2.14)
+        if cfg.finetune.name == "lora":
             log.warning("model.compile=true with finetune=lora: torch.compile recompiles peft's LoRA layers past "
                         "its limit and runs them eagerly: expect no speed-up from it")  # fmt: skip
         model = torch.compile(model)

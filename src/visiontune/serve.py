@@ -196,6 +196,7 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
     named = isinstance(predictor, Mapping)
     predictors = dict(predictor) if named else {None: predictor}
     batchers = {name: MicroBatcher(p, max_batch_size, batch_timeout) for name, p in predictors.items()}
+    ks = {name: max(1, min(int(topk), len(p.class_names))) for name, p in predictors.items()}  # top-k shown
     started = time.time()
     pending = [0]  # requests admitted and not answered yet (the event loop is one thread: no lock)
 
@@ -249,11 +250,11 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
             )
         pending[0] += 1
         try:
-            return await answer(request, predictors[task], batchers[task])
+            return await answer(request, predictors[task], batchers[task], ks[task])
         finally:
             pending[0] -= 1
 
-    async def answer(request: Request, p, batcher):
+    async def answer(request: Request, p, batcher, k: int):
         try:
             data = await image_bytes(request, max_bytes)
             image = await run_in_threadpool(decode, data, max_pixels)
@@ -264,7 +265,7 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
         except Exception as exc:  # noqa: BLE001 - the model failed on this image: a JSON 500, not a crash
             log.exception("prediction failed")
             return JSONResponse({"error": f"prediction failed ({type(exc).__name__})"}, status_code=500)
-        return describe(probs, p.task, max(1, min(int(topk), len(p.class_names))))
+        return describe(probs, p.task, k)
 
     return app
 

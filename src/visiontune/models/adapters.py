@@ -54,13 +54,13 @@ def _layer_group(backbone) -> dict[str, int]:
     }
 
 
-def select_targets(backbone, target, skip_groups: set[int]) -> list[str]:
+def select_targets(backbone, target, skip_groups: set[int], group_of: dict[str, int]) -> list[str]:
     """Names (relative to the body) of the Linear/Conv2d layers that get LoRA: `target` is auto or a list
-    of regexes matched against the whole module name; layers in `skip_groups` are left out."""
+    of regexes matched against the whole module name; layers in `skip_groups` (by `group_of`, from
+    `_layer_group`) are left out."""
     layers = {
         name: m for name, m in backbone.body.named_modules() if isinstance(m, nn.Linear | nn.Conv2d) and name
     }
-    group_of = _layer_group(backbone)
     if target in (None, "auto"):
         chosen = auto_targets(backbone)
     else:
@@ -95,8 +95,8 @@ def add_lora(backbone, r: int, alpha: float, dropout: float, target, skip_groups
         raise UserError(f"finetune.lora.r={r}: the rank must be at least 1 (4, 8 or 16 are usual)")
     from peft import LoraConfig, inject_adapter_in_model
 
-    chosen = select_targets(backbone, target, skip_groups)
     group_of = _layer_group(backbone)
+    chosen = select_targets(backbone, target, skip_groups, group_of)
     before = {name: i for i, g in enumerate(backbone.groups) for name in g.param_names}
     # an exact-name regex, so that a layer whose name ends like another's is not adapted too
     config = LoraConfig(
@@ -148,7 +148,7 @@ def adapter_keys(model) -> list[str]:
         for name, module in model.backbone.named_modules():
             if isinstance(module, NORM_TYPES):
                 keys += [f"backbone.{name}.{b}" for b, _ in module.named_buffers(recurse=False)]
-    keys += [k for k in model.state_dict() if k.startswith("head.")]
+    keys += [f"head.{k}" for k in model.head.state_dict()]
     return keys
 
 
