@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,9 @@ def test_the_wheel_installs_and_its_commands_run_from_another_directory(tmp_path
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     sh(*pip_wheel, "-w", tmp_path / "dist", source)
     wheel = next((tmp_path / "dist").glob("visiontune-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "the LICENSE is not in the wheel"
+    assert "visiontune/deploy/page/index.html" in names  # serve's try-it page
     venv = tmp_path / "venv"
     sh(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"

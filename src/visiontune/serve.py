@@ -6,6 +6,10 @@
   A multilabel model answers `{"labels": [{"label", "prob"}, ...], "probs": {label: prob}}` (the labels
   at or above their thresholds), a multitask one `{"heads": {<head>: <its answer>}}`.
 - `GET /health`: `{"status": "ok", ...}` with request and batch counters.
+- `GET /`: a page to try the model in a browser (pick or drop an image: the top-5 as bars, each head's
+  answer for multilabel and multitask models, the model's classes and test metrics), plain HTML and JS
+  shipped in the package (deploy/page/). `GET /info`: what the page shows, as JSON. `GET /docs`: the
+  API's Swagger page, its assets served from the `fastapi-offline` package: both work offline.
 - `adapters='{fmnist: A.safetensors, digits: B.safetensors}'` serves several adapter files of
   parameter-efficient runs on one backbone, which they share in memory: `POST /predict?task=fmnist`
   (a task it does not have: 404 with the names; none named: 400).
@@ -24,6 +28,7 @@ checkpoint at all.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import sys
@@ -32,11 +37,13 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import hydra
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from omegaconf import DictConfig
 from starlette.concurrency import run_in_threadpool
 
@@ -47,6 +54,22 @@ from visiontune.deploy.session import InferenceSession, device_setting
 from visiontune.errors import UserError
 
 log = logging.getLogger("visiontune")
+PAGE = Path(__file__).parent / "deploy" / "page" / "index.html"
+# /predict's request body in the OpenAPI schema, so that /docs offers an upload: a multipart file or raw bytes
+IMAGE_BODY = {
+    "required": True,
+    "description": "one image: a file in a multipart form, or the raw bytes as the request body",
+    "content": {
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["file"],
+                       "properties": {"file": {"type": "string", "format": "binary"}}},
+        },
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    },
+}  # fmt: skip
+TASK_PARAMETER = {"name": "task", "in": "query", "required": True, "schema": {"type": "string"},
+                  "description": "which task's adapter answers"}  # fmt: skip
 
 
 class BadRequest(Exception):
@@ -187,6 +210,49 @@ async def image_bytes(request, max_bytes: int) -> bytes:
     return await files[0].read()
 
 
+def model_metrics(source: str) -> dict:
+    """The test metrics (else the val ones) of the metrics.json nearest the model: in its folder or up to
+    two above it (a run dir holds checkpoints/best.ckpt), or inside it (a Hub folder)."""
+    path = Path(source)
+    folders = ([path] if path.is_dir() else []) + [path.parent, path.parent.parent, path.parent.parent.parent]
+    for folder in folders:
+        try:
+            metrics = json.loads((folder / "metrics.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(metrics, dict):
+            continue
+        for prefix in ("test/", "val/"):
+            found = {k: v for k, v in metrics.items() if k.startswith(prefix) and isinstance(v, int | float)}
+            if found:
+                return found
+    return {}
+
+
+def model_info(p) -> dict:
+    """What the page shows of a predictor: its file, backbone, task (heads and classes) and metrics."""
+    model, spec = getattr(p, "model", None), getattr(p, "spec", None)
+    if model is not None:
+        backbone = str(model.hparams.get("model", {}).get("backbone", ""))
+    else:
+        backbone = str((spec or {}).get("backbone", ""))
+    return {"source": p.source, "backbone": backbone, "task": p.task,
+            "temperature": p.temperature, "metrics": model_metrics(p.source)}  # fmt: skip
+
+
+def add_pages(app: FastAPI, info: dict) -> None:
+    """GET / (the try-it page) and GET /info."""
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(PAGE, media_type="text/html")
+
+    @app.get("/info")
+    async def about_model():
+        """The model (or each task's model): file, backbone, heads and classes, temperature, test metrics."""
+        return info
+
+
 def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01, max_bytes: int = 10_000_000,
                topk: int = 5, max_pending: int = 256,
                max_pixels: int | None = DEFAULT_MAX_PIXELS):  # fmt: skip
@@ -208,7 +274,12 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
         for batcher in batchers.values():
             await batcher.stop()
 
-    app = FastAPI(title="visiontune", lifespan=lifespan)
+    # fastapi-offline: FastAPI whose /docs loads Swagger's assets from its package, not from a CDN
+    app = FastAPIOffline(title="visiontune", lifespan=lifespan, redoc_url=None)
+    if named:
+        add_pages(app, {"tasks": {name: model_info(p) for name, p in predictors.items()}})
+    else:
+        add_pages(app, model_info(predictor))
     app.state.batchers = batchers
     app.state.batcher = next(iter(batchers.values()))
 
@@ -232,8 +303,12 @@ def create_app(predictor, max_batch_size: int = 16, batch_timeout: float = 0.01,
             status.update(about(predictor, app.state.batcher))
         return {**status, "uptime_s": round(time.time() - started, 1)}
 
-    @app.post("/predict")
+    extra = {"requestBody": IMAGE_BODY, **({"parameters": [TASK_PARAMETER]} if named else {})}
+
+    @app.post("/predict", openapi_extra=extra)
     async def predict(request: Request):
+        """One image -> each head's answer: the top-k labels with probabilities (multiclass), the labels
+        above their thresholds (multilabel), or both per head (multitask)."""
         task = request.query_params.get("task")
         if named and task not in predictors:
             listed = ", ".join(predictors)
@@ -357,7 +432,8 @@ def serve(cfg: DictConfig) -> None:
                          int(cfg.topk), int(cfg.max_pending), max_pixels)  # fmt: skip
         host, port = sock.getsockname()[:2]
         what = f"tasks {', '.join(predictor)}" if isinstance(predictor, Mapping) else predictor.source
-        print(f"serving {what} on http://{host}:{port} (POST /predict, GET /health)", flush=True)
+        print(f"serving {what} on http://{host}:{port} (try it: GET /; POST /predict, GET /docs, GET /health)",
+              flush=True)  # fmt: skip
         uvicorn.Server(uvicorn.Config(app, log_level=str(cfg.log_level))).run(sockets=[sock])
     finally:
         sock.close()
