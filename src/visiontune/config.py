@@ -173,6 +173,7 @@ class Data:
     root: str = key("where the data lives: a folder, or a CSV file for data=csv", check=text, required=True)
     train_subset: int | None = key("N training images, a seeded stratified subset (null = all)", ge=1)
     val_fraction: float = key("share of train held out for val when there is no val split", ge=0, lt=1)
+    test_fraction: float = key("imagefolder, one flat folder: the share held out for test", ge=0, lt=1)
     val_subset: int | None = key("cap on validation images, a seeded stratified subset (null = all)", ge=1)
     test_subset: int | None = key("cap on test images, a seeded stratified subset (null = all)", ge=1)
     folds: int | None = key("k-fold cross-validation: K folds of train (null = no folds)", ge=2)

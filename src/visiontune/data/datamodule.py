@@ -7,7 +7,10 @@ Image folders and CSV lists are decoded with PIL in worker processes, with bad f
 skipped (or, with `data.strict=true`, refused) at setup.
 
 File datasets (`data.root`):
-- `imagefolder`: `root/train/<class>/*`, optional `root/val/<class>/*` and `root/test/<class>/*`.
+- `imagefolder`: `root/train/<class>/*`, optional `root/val/<class>/*` (or `validation/`) and
+  `root/test/<class>/*`; or a flat `root/<class>/*`, which is split into train, val and test (seeded,
+  stratified, `val_fraction` and `test_fraction` of it). A split folder, or the flat root, may instead
+  hold a Hugging Face `metadata.csv` / `metadata.jsonl` (columns `file_name`, `label`).
 - `csv`: a CSV file of `path,label` lines (the training list), or a folder holding `train.csv` and
   optional `val.csv` / `test.csv`. Paths are relative to the CSV's folder; the first line is a header
   when its path cell has no file extension (`path,label`, `filename,class`, ...).
@@ -38,18 +41,23 @@ from visiontune.data.files import (
     TaskImageDataset,
     collate_skip_none,
     csv_files,
+    imagefolder_sources,
     read_csv_list,
     scan_csv,
-    scan_folder,
+    scan_source,
     scan_task_csv,
+    source_classes,
     task_classes,
 )
 from visiontune.data.images import DEFAULT_MAX_PIXELS
 from visiontune.data.splits import (
     held_out,
     missing_classes,
+    shares,
+    smallest_class,
     smallest_held_out,
     stratified_fold,
+    stratified_partition,
     stratified_split,
     stratified_subset,
 )
@@ -116,9 +124,13 @@ class ImageDataModule(L.LightningDataModule):
         crop = self.cfg.get("crop_pct")
         self.crop_pct = float(crop if crop is not None else data_config["crop_pct"])
         self._classes: list[str] | None = None
+        # data=imagefolder: ({split: its folder or metadata file}, flat); see files.imagefolder_sources
+        self._layout: tuple[dict[str, Path], bool] | None = None
         self.train_set = self.val_set = self.test_set = None
         # where each split's images come from, for its messages: (how, where); see `_how`
         self._origins: dict[str, tuple[str, str]] = {}
+        # a flat folder's split: ({held-out part: its fraction}, class counts of the whole folder)
+        self._flat: tuple[dict[str, float], np.ndarray] | None = None
         # (train, eval) BatchTransform once enable_device_transforms has turned them on
         self.device_transforms: tuple | None = None
         self.balance = self.cfg.get("balance", "none")
@@ -128,12 +140,13 @@ class ImageDataModule(L.LightningDataModule):
             check_task_data(self.task["name"], self.name, self.balance)
         if self.name == "imagefolder" and self.root.is_file():
             raise UserError(
-                f"data.root {self.root} is a file; data=imagefolder needs a folder with train/<class>/ "
-                "(for a CSV list use data=csv)"
+                f"data.root {self.root} is a file; data=imagefolder needs a folder of <class>/ folders, or "
+                "with train/<class>/ (for a CSV list use data=csv)"
             )
         if self.name == "imagefolder" and not self.root.is_dir():
             raise UserError(
-                f"data.root {self.root} does not exist. Fix: data.root=/path/to/dataset (with train/<class>/)"
+                f"data.root {self.root} does not exist. Fix: data.root=/path/to/dataset (with <class>/ or "
+                "train/<class>/ folders)"
             )
         if self.name == "csv" and not self.root.exists():
             raise UserError(
@@ -172,24 +185,20 @@ class ImageDataModule(L.LightningDataModule):
             elif self.standard:
                 self._classes = list(self.standard.classes)
             elif self.name == "imagefolder":
-                train_dir = self.root / "train"
-                if not train_dir.is_dir():
-                    raise UserError(
-                        f"{self.root} has no train/ folder. Expected {self.root}/train/<class>/<images>"
-                    )
-                self._classes = sorted(
-                    d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
-                )
-                if not self._classes:
-                    raise UserError(
-                        f"{train_dir} has no class folders. Expected {train_dir}/<class>/<images>"
-                    )
+                self._classes = source_classes(self.layout[0]["train"])
             elif self.name == "csv":
                 self._classes = sorted(set(read_csv_list(csv_files(self.root)["train"])[1]))
             else:
                 names = ", ".join([*STANDARD, *FILE_DATASETS])
                 raise UserError(f"unknown dataset '{self.name}'; choose {names}")
         return self._classes
+
+    @property
+    def layout(self) -> tuple[dict[str, Path], bool]:
+        """data=imagefolder: ({split: its folder or metadata file}, whether the root is one flat folder)."""
+        if self._layout is None:
+            self._layout = imagefolder_sources(self.root)
+        return self._layout
 
     @property
     def num_classes(self) -> int:
@@ -227,6 +236,45 @@ class ImageDataModule(L.LightningDataModule):
             return stratified_fold(labels, int(folds), int(self.cfg.get("fold") or 0), self.seed)
         return stratified_split(labels, self.cfg.get("val_fraction", 0.1), self.seed)
 
+    def _split_flat(self, labels: list[int]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(train, val, test) indices of a flat folder: seeded, stratified shares `data.val_fraction` and
+        `data.test_fraction` of it (`splits.stratified_partition`), and one log line that says so. val is
+        None with data.folds (a fold of train, split off next), test None with data.test_fraction=0 (the
+        run tests on val). A class of one image cannot be split: a UserError that names it."""
+        labels = np.asarray(labels, dtype=np.int64)
+        test_fraction = float(self.cfg.get("test_fraction", 0.1))
+        parts = {} if self.cfg.get("folds") else {"val": float(self.cfg.get("val_fraction", 0.1))}
+        if test_fraction > 0:
+            parts["test"] = test_fraction
+        fractions = list(parts.values())
+        if sum(fractions) >= 1:
+            raise UserError(
+                f"invalid config value data.test_fraction={test_fraction}: must be below 1 - "
+                f"data.val_fraction={parts['val']}, so that train keeps the rest of {self._origins['train'][1]}"
+            )
+        self._flat = (parts, np.bincount(labels, minlength=self.num_classes))
+        where = self._origins["train"][1]
+        alone = [c for c, n in zip(self.classes, self._flat[1], strict=True) if n == 1]
+        if alone and any(f > 0 for f in fractions):
+            need = smallest_class(fractions, [i for i, f in enumerate(fractions) if f > 0])
+            what = f"class {alone[0]!r} has" if len(alone) == 1 else f"classes {alone} have"
+            raise UserError(
+                f"flat folder {where}: {what} only 1 image, too few to split into train, {' and '.join(parts)} "
+                f"(stratified). Fix: add images to it (from {need} a class gives {' and '.join(parts)} one "
+                "each), or remove it"
+            )
+        train, *held = stratified_partition(labels, fractions, self.seed)
+        for part in parts:
+            self._origins[part] = ("fraction" if part == "val" else "test_fraction", where)
+        held_by = dict(zip(parts, held, strict=True))
+        percent = "/".join(f"{100 * f:.3g}" for f in (1 - sum(fractions), *fractions))
+        sizes = ", ".join(f"{len(i)} {name}" for name, i in (("train", train), *held_by.items()))
+        if "val" not in parts:
+            sizes += f"; val is fold {self.cfg.get('fold') or 0} of data.folds={self.cfg['folds']} of train"
+        log.info("flat folder %s: %d classes, split %s by seed %d (stratified): %s",
+                 where, self.num_classes, percent, self.seed, sizes)  # fmt: skip
+        return train, held_by.get("val"), held_by.get("test")
+
     def _subset(self, n, labels, seed_offset):
         return stratified_subset(labels, n, self.seed + seed_offset) if n else np.arange(len(labels))
 
@@ -260,21 +308,21 @@ class ImageDataModule(L.LightningDataModule):
                 s: scan_csv(path, strict, classes, limit)[1:] for s, path in csv_files(self.root).items()
             }
         else:
-            splits = {
-                s: scan_folder(self.root / s, strict, classes, limit)[1:]
-                for s in SPLITS
-                if (self.root / s).is_dir()
-            }
+            splits = {s: scan_source(src, strict, classes, limit)[1:] for s, src in self.layout[0].items()}
         for s in splits:
-            self._origins[s] = (
-                "split",
-                str(csv_files(self.root)[s]) if self.name == "csv" else f"{self.root / s}/",
-            )
+            source = csv_files(self.root)[s] if self.name == "csv" else self.layout[0][s]
+            self._origins[s] = ("split", f"{source}/" if source.is_dir() else str(source))
 
         def take(split, indices):
             paths, labels = splits[split]
             splits[split] = ([paths[i] for i in indices], [labels[i] for i in indices])
 
+        if self.name == "imagefolder" and self.layout[1]:  # one flat folder: split off val and test
+            whole = splits["train"]
+            for split, indices in zip(SPLITS, self._split_flat(whole[1]), strict=True):
+                if indices is not None:
+                    splits[split] = whole
+                    take(split, indices)
         if self.cfg.get("folds") and "val" in splits:
             log.warning(
                 "data.folds=%s: validating on a fold of train; the val split is not used", self.cfg["folds"]
@@ -327,10 +375,29 @@ class ImageDataModule(L.LightningDataModule):
             return (f"{head}: data.val_fraction={fraction} puts an image of a class in val from "
                     f"{smallest_held_out(fraction)} images up, and the largest class of {where} has {largest}. "
                     f"Fix: {fix}more images, or a val split")  # fmt: skip
+        if how == "test_fraction":
+            return f"{head}: {self._too_few_for_test(where)}"
         if how == "folds":
             return (f"{head}: fold {self.cfg.get('fold') or 0} of data.folds={self.cfg['folds']} gets no image of "
                     f"{where} ({len(self.train_set)} images). Use fewer data.folds, or add images")  # fmt: skip
         return f"{head}: {where} has no usable image. Add images there"
+
+    def _too_few_for_test(self, where: str) -> str:
+        """Why a flat folder's test share came out empty, and the fix."""
+        parts, counts = self._flat
+        fraction, at = parts["test"], list(parts).index("test")
+        largest = int(counts.max(initial=0))
+
+        def gives(f: float) -> bool:
+            fractions = [*list(parts.values())[:at], f]
+            return sum(fractions) < 1 and shares(largest, fractions)[at] >= 1
+
+        higher = next((f for f in (0.2, 0.3, 0.4) if f > fraction and gives(f)), None)
+        need = smallest_class(list(parts.values()), [at])
+        fix = f"data.test_fraction={higher}, " if higher else ""
+        return (f"data.test_fraction={fraction} puts an image of a class in test from {need} images up, and the "
+                f"largest class of {where} has {largest}. Fix: {fix}more images, or data.test_fraction=0 (test on "
+                "val)")  # fmt: skip
 
     def check_splits(self, parts: tuple[str, ...] = ("train", "val", "test")) -> None:
         """Refuse (UserError, one line) a split among `parts` that has no image. A run calls this when it
@@ -387,12 +454,14 @@ class ImageDataModule(L.LightningDataModule):
                 f"raise data.val_fraction (at {fraction} a class gives val one image from {need} images)"
             )
         lacking = {p for lack in gaps.values() for p in lack}
+        if "test" in lacking and self._how("test") == "test_fraction":
+            fixes.append("raise data.test_fraction")
         fixes += [
             f"raise data.{p}_subset"
             for p in ("train", "val", "test")
             if p in lacking and self.cfg.get(f"{p}_subset")
         ]
-        if not self.standard:
+        if not self.standard and not (self.name == "imagefolder" and self.layout[1]):
             fixes.append("give val and test splits of their own")
         log.warning(
             "data: some classes have no image in a split, so its metrics leave them out: %s. Fix: %s",

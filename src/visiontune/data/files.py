@@ -1,4 +1,5 @@
-"""Image files on disk: scanning folders and CSV lists, checking each file, decoding it to RGB.
+"""Image files on disk: scanning folders, CSV lists and Hugging Face metadata files, checking each file,
+decoding it to RGB.
 
 Bad files (wrong extension, empty, missing, a folder, a symlink loop, undecodable, truncated JPEG,
 more pixels than `data.max_pixels`) are found at setup and listed by path, then skipped with a
@@ -11,6 +12,7 @@ import codecs
 import csv
 import errno
 import io
+import json
 import os
 import stat
 import warnings
@@ -22,10 +24,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visiontune.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, open_checked, to_rgb
-from visiontune.errors import UserError
+from visiontune.errors import UserError, one_line
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLITS = ("train", "val", "test")
+# data=imagefolder: the folder names of each split (Hugging Face's imagefolder names val `validation`)
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 MAX_LISTED = 50  # bad files named one by one in a report; the rest are counted
 
 
@@ -212,7 +217,8 @@ def read_utf8(path: Path) -> str:
 def read_csv_list(csv_path: Path) -> tuple[list[str], list[str]]:
     """(paths, label names) of a `path,label` CSV. Paths are relative to the CSV's folder.
 
-    The first line is a header when its path cell has no file extension (`path,label`).
+    The first line is a header when its path cell has no file extension (`path,label`). A header that
+    names `file_name` and `label` (Hugging Face's metadata.csv) is read by column name (`read_metadata`).
     """
     if not csv_path.is_file():
         raise UserError(f"{csv_path} does not exist. Fix: data.root=/path/to/train.csv")
@@ -221,6 +227,8 @@ def read_csv_list(csv_path: Path) -> tuple[list[str], list[str]]:
         cells = [c.strip() for c in row]
         if not any(cells):
             continue
+        if not rows and {"file_name", "label"} <= set(cells):
+            return read_metadata(csv_path)
         if len(cells) != 2 or not cells[0] or not cells[1]:
             raise UserError(f"{csv_path} line {line}: expected `path,label`, got {row!r}")
         rows.append(cells)
@@ -239,14 +247,26 @@ def scan_csv(
 ) -> tuple[list[str], list[str], list[int]]:
     """(classes, paths, labels) of a `path,label` CSV; bad files are reported, then skipped or fatal."""
     paths, names = read_csv_list(csv_path)
-    if classes is None:
-        classes = sorted(set(names))
-    else:
-        _unknown_classes(csv_path, names, classes, "the training CSV")
+    classes = sorted(set(names)) if classes is None else classes
+    return _labelled(csv_path, paths, names, classes, strict, max_pixels, "the training CSV")
+
+
+def _labelled(
+    where: Path,
+    paths: list[str],
+    names: list[str],
+    classes: list[str],
+    strict: bool,
+    max_pixels: int | None,
+    train: str,
+) -> tuple[list[str], list[str], list[int]]:
+    """(classes, paths, labels) of images listed with their class names (`where`: the list); a name not in
+    `classes` (those of `train`) is a UserError; bad files are reported, then skipped or fatal."""
+    _unknown_classes(where, names, classes, train)
     index = {c: i for i, c in enumerate(classes)}
-    paths, labels = drop_bad_files(paths, [index[n] for n in names], csv_path, strict, max_pixels)
+    paths, labels = drop_bad_files(paths, [index[n] for n in names], where, strict, max_pixels)
     if set(names) == set(classes):
-        _empty_classes(csv_path, labels, classes, "classes")
+        _empty_classes(where, labels, classes, "classes")
     return classes, paths, labels
 
 
@@ -260,6 +280,156 @@ def csv_files(root: Path) -> dict[str, Path]:
             "(and optional val.csv, test.csv)"
         )
     return {split: root / f"{split}.csv" for split in SPLITS if (root / f"{split}.csv").is_file()}
+
+
+# -- data=imagefolder: split folders or one flat folder, of class folders or Hugging Face metadata files
+def metadata_file(folder: Path) -> Path | None:
+    """`folder`'s metadata.csv or metadata.jsonl (Hugging Face's imagefolder format), or None."""
+    found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+    if len(found) > 1:
+        raise UserError(f"{folder} has both metadata.csv and metadata.jsonl: keep one of them")
+    return found[0] if found else None
+
+
+def imagefolder_sources(root: Path) -> tuple[dict[str, Path], bool]:
+    """({split: where its images come from}, flat) of a data=imagefolder root. A source is a folder of
+    class folders, or the metadata file in it.
+
+    With a train/ folder: train/, and val/ (or validation/) and test/ where they exist. Without one, the
+    root is flat: {"train": root, or its metadata file}, which the datamodule splits into train, val and test.
+    """
+    sources = {}
+    for split, names in SPLIT_FOLDERS.items():
+        found = [root / name for name in names if (root / name).is_dir()]
+        if len(found) > 1:
+            raise UserError(f"{root} has both val/ and validation/, the same split: merge them into one")
+        if found:
+            sources[split] = metadata_file(found[0]) or found[0]
+    top = metadata_file(root)
+    if "train" in sources and top:
+        raise UserError(
+            f"{top} sits next to train/: give each split folder its own metadata file "
+            "(train/metadata.csv, validation/metadata.csv, ...), with file_name relative to it"
+        )
+    if sources and "train" not in sources:
+        found = ", ".join(f"{p.name if p.is_dir() else p.parent.name}/" for p in sources.values())
+        raise UserError(
+            f"{root} has {found} but no train/. Expected {root}/train/<class>/ (with optional val/ and test/), "
+            f"or a flat {root}/<class>/ without them"
+        )
+    return (sources, False) if sources else ({"train": top or root}, True)
+
+
+def source_classes(source: Path) -> list[str]:
+    """The class names of a split's source: its metadata's labels, or its class folders, sorted."""
+    if source.is_file():
+        return sorted(set(read_metadata(source)[1]))
+    classes = sorted(d.name for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(
+            f"{source} has no class folders and no metadata.csv or metadata.jsonl. "
+            f"Expected {source}/<class>/<images>, or a metadata file (file_name,label)"
+        )
+    return classes
+
+
+def scan_source(
+    source: Path, strict: bool, classes: list[str] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[list[str], list[str], list[int]]:
+    """(classes, paths, labels) of a split's source (`imagefolder_sources`)."""
+    if source.is_file():
+        return scan_metadata(source, strict, classes, max_pixels)
+    return scan_folder(source, strict, classes, max_pixels)
+
+
+def _metadata_rows(path: Path) -> tuple[list[str] | None, list[tuple[int, dict]]]:
+    """(a CSV's header, or None for JSON lines; [(line, {column: value})] of the non-blank rows) of a
+    metadata.csv or metadata.jsonl."""
+    text = read_utf8(path)
+    rows = []
+    if path.suffix == ".jsonl":
+        for line, raw in enumerate(text.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                raise UserError(
+                    f'{path} line {line}: expected one JSON object a line, like {{"file_name": "0001.png", '
+                    f'"label": "cat"}}; got {one_line(raw, 80)!r}'
+                )
+            rows.append((line, row))
+        return None, rows
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = None
+    for row in reader:
+        cells = [c.strip() for c in row]
+        if not any(cells):
+            continue
+        if header is None:
+            header = cells
+        elif len(cells) != len(header):
+            raise UserError(
+                f"{path} line {reader.line_num}: {len(cells)} cells, the header has {len(header)} ({header})"
+            )
+        else:
+            rows.append((reader.line_num, dict(zip(header, cells, strict=True))))
+    return header, rows
+
+
+def read_metadata(path: Path) -> tuple[list[str], list[str]]:
+    """(paths, label names) of a Hugging Face imagefolder metadata file: metadata.csv (with a header) or
+    metadata.jsonl (one JSON object a line), columns `file_name` and `label`; others are ignored.
+
+    `file_name` is relative to the file's folder and stays inside it. `label` is a class name or an
+    integer (whose name is its digits: classes sort as strings everywhere, so 10 comes before 2).
+    """
+    header, rows = _metadata_rows(path)
+    for column in ("file_name", "label"):
+        if header is not None and column not in header:
+            raise UserError(
+                f"{path} has no `{column}` column; its header is {header}. "
+                "Expected a header with file_name and label (e.g. file_name,label)"
+            )
+    if not rows:
+        raise UserError(f"{path} lists no images. Expected rows with a file_name and a label")
+    paths, names = [], []
+    for line, row in rows:
+        missing = [k for k in ("file_name", "label") if k not in row]
+        if missing:
+            raise UserError(
+                f'{path} line {line}: no "{missing[0]}" key. Each line needs "file_name" and "label"'
+            )
+        file_name, label = row["file_name"], row["label"]
+        if not isinstance(file_name, str) or not file_name.strip():
+            raise UserError(f"{path} line {line}: file_name must be a path to an image, got {file_name!r}")
+        relative = os.path.normpath(file_name.strip())
+        if os.path.isabs(relative) or relative.split(os.sep)[0] == "..":
+            raise UserError(
+                f"{path} line {line}: file_name {file_name!r} points outside {path.parent}. Fix: move the image "
+                "into that folder and give its path relative to it (e.g. images/0001.jpg)"
+            )
+        if isinstance(label, str) and label.strip():
+            names.append(label.strip())
+        elif isinstance(label, int) and not isinstance(label, bool):
+            names.append(str(label))
+        else:
+            raise UserError(
+                f"{path} line {line} ({file_name}): label must be a class name or an integer, got {label!r}"
+            )
+        paths.append(str(path.parent / relative))
+    return paths, names
+
+
+def scan_metadata(
+    path: Path, strict: bool, classes: list[str] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[list[str], list[str], list[int]]:
+    """(classes, paths, labels) of a metadata file; bad files are reported, then skipped or fatal."""
+    paths, names = read_metadata(path)
+    classes = sorted(set(names)) if classes is None else classes
+    return _labelled(path, paths, names, classes, strict, max_pixels, "the training split")
 
 
 # -- multilabel and multitask CSVs (task=multilabel|multitask)

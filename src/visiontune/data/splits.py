@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -20,10 +23,30 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def shares(n: int, fractions: Sequence[float]) -> list[int]:
+    """How many of a class's `n` samples each held-out part of `stratified_partition` takes, in order:
+    its rounded share, and never the class's last sample (a class of one stays in train only); an
+    earlier part is served first."""
+    taken, left = [], n - 1
+    for fraction in fractions:
+        k = max(0, min(int(round(n * fraction)), left))
+        taken.append(k)
+        left -= k
+    return taken
+
+
 def held_out(n: int, val_fraction: float) -> int:
-    """How many of a class's `n` samples `stratified_split` puts in val: its rounded share, and never
-    the class's last sample (a class of one stays in train only)."""
-    return min(int(round(n * val_fraction)), n - 1)
+    """How many of a class's `n` samples `stratified_split` puts in val (see `shares`)."""
+    return shares(n, [val_fraction])[0]
+
+
+def smallest_class(fractions: Sequence[float], parts: Sequence[int] | None = None) -> int | None:
+    """The fewest samples a class needs for `stratified_partition` to put one in each of `parts`
+    (indices into `fractions`; default all); None when one of them has a fraction of 0."""
+    parts = range(len(fractions)) if parts is None else parts
+    if any(fractions[p] <= 0 for p in parts):
+        return None
+    return next(n for n in itertools.count(2) if all(shares(n, fractions)[p] >= 1 for p in parts))
 
 
 def smallest_held_out(val_fraction: float) -> int | None:
@@ -40,17 +63,27 @@ def missing_classes(labels: np.ndarray, num_classes: int) -> list[int]:
     return [c for c in range(num_classes) if c not in present]
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices; each class keeps at least one training sample (see `held_out`)."""
+def stratified_partition(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """[train, part 1, part 2, ...] indices. Each class's samples, shuffled by `seed`, are dealt out in
+    order: the first `shares(n, fractions)[0]` to part 1, the next ones to part 2, ..., the rest to train,
+    which keeps at least one of each class."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    train, val = [], []
+    parts: list[list[np.ndarray]] = [[np.empty(0, dtype=np.int64)] for _ in range(len(fractions) + 1)]
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        k = held_out(len(idx), val_fraction)
-        val.append(idx[:k])
-        train.append(idx[k:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+        start = 0
+        for part, k in enumerate(shares(len(idx), fractions), start=1):
+            parts[part].append(idx[start : start + k])
+            start += k
+        parts[0].append(idx[start:])
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices; each class keeps at least one training sample (see `held_out`)."""
+    train, val = stratified_partition(labels, [val_fraction], seed)
+    return train, val
 
 
 def stratified_fold(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
