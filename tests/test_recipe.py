@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MODEL, TINY, make_run, run, snapshot
+from helpers import MODEL, SMALL, TINY, make_run, run, snapshot
 
 from visiontune.train import train
 
@@ -163,14 +163,24 @@ def test_atomic_checkpoint_save_keeps_the_old_file_when_saving_fails(tmp_path, m
 
 
 @pytest.mark.parametrize("logger", ["mlflow", "wandb"])
-def test_mlflow_and_wandb_log_offline_into_the_run_dir(logger, tmp_path):
+def test_mlflow_and_wandb_log_offline_into_the_run_dir(logger, tmp_path, monkeypatch):
+    # no MLFLOW_ALLOW_FILE_STORE: current MLflow opens only a database store without it
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     # a process of its own: wandb leaves a service and patched modules behind in the process it logs from
     result = run("visiontune.train", *TINY, *MODEL, f"logger={logger}", f"hydra.run.dir={tmp_path}",
                  env={**os.environ, "WANDB_SILENT": "true"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    if logger == "mlflow":  # file store: mlruns/<experiment>/<run>/metrics/val/acc, one line per logged value
-        acc = list((tmp_path / "mlruns").glob("*/*/metrics/val/acc"))
-        assert len(acc) == 1 and acc[0].read_text().strip()
+    if logger == "mlflow":  # a SQLite store in the run dir, read as `mlflow ui --backend-store-uri` would
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("visiontune")
+        assert experiment.artifact_location == (tmp_path / "mlflow-artifacts").as_uri()
+        [found] = client.search_runs([experiment.experiment_id])
+        assert found.data.params["seed"] == "42" and found.data.params["model/backbone"] == SMALL
+        assert len(client.get_metric_history(found.info.run_id, "val/acc")) == 1  # one epoch
+        # 4 steps, fewer than log_every_n_steps=25: the step scalars are logged all the same
+        assert [m.step for m in client.get_metric_history(found.info.run_id, "train/loss_step")] == [3]
     else:  # offline mode: wandb/offline-run-*/run-*.wandb, ready for `wandb sync`
         runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(runs) == 1 and runs[0].stat().st_size > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import lightning as L
 import pytest
 import torch
 from helpers import FAST, MODEL, SMALL, run, run_main
@@ -26,6 +27,7 @@ def test_train_writes_run_dir_and_eval_reproduces_test_acc(tmp_path):
     ).is_file()
     assert (run_dir / "csv" / "metrics.csv").is_file()
     assert any((run_dir / "tensorboard").glob("events.out.tfevents*"))
+    assert (run_dir / "curves.png").read_bytes().startswith(b"\x89PNG")
     checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["model"]["backbone"] == SMALL
 
@@ -125,20 +127,39 @@ def test_imagefolder_cli_run_completes(tmp_path):
     assert (metrics["test/acc"] * 8) == pytest.approx(round(metrics["test/acc"] * 8), abs=1e-6)
 
 
+class CurvesAtEpochEnd(L.Callback):
+    """curves.png as each epoch's end left it (a test's callbacks come after the run's own)."""
+
+    def __init__(self, path):
+        self.path, self.drawn = path, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.drawn.append(self.path.read_bytes())
+
+
 def test_metrics_json_records_the_best_value_of_the_monitor_under_its_own_name(tiny_cfg, tmp_path):
+    """Also what the run logs as it goes: step scalars in a run of 4 steps an epoch (fewer than
+    trainer.log_every_n_steps=25), and curves.png drawn again at every epoch end."""
     import csv
 
     monitor = ["callbacks.checkpoint.monitor=val/loss", "callbacks.checkpoint.mode=min"]
-    value = train(tiny_cfg(*MODEL, "trainer.max_epochs=3", *monitor))
+    curves = CurvesAtEpochEnd(tmp_path / "curves.png")
+    value = train(tiny_cfg(*MODEL, "trainer.max_epochs=3", *monitor), callbacks=[curves])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     with open(tmp_path / "csv" / "metrics.csv") as f:
-        logged = [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
+        rows = list(csv.DictReader(f))
+    logged = [float(row["val/loss"]) for row in rows if row.get("val/loss")]
     assert len(logged) == 3
     assert metrics["val/loss"] == pytest.approx(min(logged)) and value == pytest.approx(min(logged))
+    # log_every_n_steps becomes the epoch's 4 steps: the last step of each epoch logs its loss and LRs
+    assert [row["step"] for row in rows if row.get("train/loss_step")] == ["3", "7", "11"]
+    assert [row["step"] for row in rows if row.get("lr-AdamW/head")] == ["3", "7", "11"]
+    assert len(curves.drawn) == 3 and len(set(curves.drawn)) == 3  # a new drawing at every epoch end
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in curves.drawn)
+    assert (tmp_path / "curves.png").read_bytes() == curves.drawn[-1]
 
 
 def test_plateau_follows_the_checkpoint_monitor_and_its_mode():
-    import lightning as L
     from helpers import make_run
 
     class ValLoss(L.Callback):

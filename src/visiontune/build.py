@@ -13,7 +13,6 @@ rebuilds the model from the checkpoint's own hyperparameters, the way it was tra
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -42,6 +41,8 @@ from visiontune.training.callbacks import (
     ResumeMidEpoch,
     RunClock,
     SaveOnInterrupt,
+    StepLogInterval,
+    TrainingCurves,
     format_seconds,
 )
 from visiontune.training.checkpoints import AtomicCheckpointIO, load_checkpoint
@@ -123,6 +124,8 @@ def build_run(
         # an epoch or the test that reads too few images (files broken mid-run), or an empty split, ends the run
         ReadCheck(cfg.data.get("min_read_fraction", 0.5), ckpt_dir, test=bool(cfg.get("test"))),
         clock,
+        StepLogInterval(),  # a short run logs step scalars too
+        TrainingCurves(run_dir / "curves.png", monitor.monitor),
         *build_callbacks(cfg),
         *trial_callbacks(cfg),
         *callbacks,
@@ -239,9 +242,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         from lightning.pytorch.loggers import MLFlowLogger
 
         mlflow = plain(cfg.logger.mlflow)
-        if not mlflow.get("tracking_uri"):  # a local file store in the run dir, no server needed
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            mlflow["tracking_uri"] = (run_dir / "mlruns").resolve().as_uri()
+        if not mlflow.get("tracking_uri"):  # a SQLite store in the run dir: no server, no environment setting
+            mlflow["tracking_uri"] = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+            if not mlflow.get("artifact_location"):
+                mlflow["artifact_location"] = (run_dir / "mlflow-artifacts").resolve().as_uri()
         loggers.append(MLFlowLogger(**mlflow))
     if cfg.logger.get("wandb"):
         from lightning.pytorch.loggers import WandbLogger

@@ -6,12 +6,15 @@ line on stderr that says what is wrong and how to fix it, and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import shutil
 import sys
 import time
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -351,3 +354,58 @@ def print_summary(metrics: dict, run_dir: Path, keys: tuple[str, ...] = SUMMARY_
             value = metrics[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) and value < 10 else f"{value:,}")
     Console().print(table)
+
+
+# The loggers of what exports and quantizes ONNX models: their INFO lines report each graph pass (onnx_ir
+# logs a line per initializer it deduplicates, most of the output of an export of Lite0)
+ONNX_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnx", "onnx_ir", "onnxscript", "onnxruntime")
+
+
+@contextlib.contextmanager
+def quiet_libraries(names: Sequence[str] = ONNX_LOGGERS) -> Iterator[None]:
+    """Inside the block, the records below ERROR of the `names` loggers (and their children), and every
+    Python warning, go to the run's log file only (Hydra's `<run dir>/<command>.log`), not to the console.
+
+    Without a log file they are dropped. Errors still reach the console, and nothing else changes: the
+    loggers keep their levels, and whatever this program logs or prints itself is shown as before.
+    "root" among `names` takes in the records logged on the root logger itself (`logging.warning(...)`).
+    """
+    names = tuple(names)
+    files = [h for h in logging.root.handlers if isinstance(h, logging.FileHandler)]
+
+    def console(record: logging.LogRecord) -> bool:
+        quiet = any(record.name == n or record.name.startswith(n + ".") for n in names)
+        return record.levelno >= logging.ERROR or not quiet
+
+    def to_log_file(message, category, filename, lineno, file=None, line=None) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+        record = logging.LogRecord("py.warnings", logging.WARNING, filename, lineno, "%s", (text,), None)
+        for handler in files:
+            handler.handle(record)
+
+    screens: list[logging.Handler] = []  # the handlers besides the log file that the records reach
+    joined: list[tuple[logging.Logger, logging.Handler]] = []
+    for name in names:
+        logger = logging.getLogger(name)
+        while True:
+            screens += [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+            if not logger.propagate or logger.parent is None:
+                break
+            logger = logger.parent
+        # a logger that keeps its records from root (Lightning's does) gets the log file for the block
+        if logger is not logging.root:
+            joined += [(logger, h) for h in files if h not in logger.handlers]
+    screens, joined = list(dict.fromkeys(screens)), list(dict.fromkeys(joined))
+    for handler in screens:
+        handler.addFilter(console)
+    for logger, handler in joined:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = to_log_file
+            yield
+    finally:
+        for handler in screens:
+            handler.removeFilter(console)
+        for logger, handler in joined:
+            logger.removeHandler(handler)

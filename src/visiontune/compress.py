@@ -49,7 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from visiontune.cli import CONF_DIR, data_patch, plain, run_cli
+from visiontune.cli import CONF_DIR, ONNX_LOGGERS, data_patch, plain, quiet_libraries, run_cli
 from visiontune.config import validate_compress_config
 from visiontune.data.temporaries import owner_tag, remove_stale
 from visiontune.deploy.inference import quiet_warnings
@@ -250,25 +250,29 @@ def quantize_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = work / "model.prepared.onnx"
-    try:  # shape inference and graph optimisation (BatchNorm folded into Conv) before quantizing
-        quant_pre_process(str(fp32), str(prepared))
-    except Exception as exc:  # the quantizer works on the plain export too, just less well
-        log.warning("onnxruntime quant_pre_process failed (%s); quantizing the exported model as it is", exc)
-        shutil.copyfile(fp32, prepared)
-    softmax = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Softmax"]
-    with quiet_root_logger():  # the quantizer logs every scale it adjusts, at INFO, on the root logger
-        quantize_static(
-            str(prepared),
-            str(out),
-            reader,
-            quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=softmax,  # float probabilities: 8-bit ones would tie close classes
-        )  # MinMax keeps only each batch's per-tensor min and max (reduced inside the graph): small memory
+    # onnxruntime's advice (on the root logger) and the Python warnings (protobuf's): to the log file
+    with quiet_libraries((*ONNX_LOGGERS, "root")):
+        try:  # shape inference and graph optimisation (BatchNorm folded into Conv) before quantizing
+            quant_pre_process(str(fp32), str(prepared))
+        except Exception as exc:  # the quantizer works on the plain export too, just less well
+            log.warning(
+                "onnxruntime quant_pre_process failed (%s); quantizing the exported model as it is", exc
+            )
+            shutil.copyfile(fp32, prepared)
+        softmax = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Softmax"]
+        with quiet_root_logger():  # the quantizer logs every scale it adjusts, at INFO, on the root logger
+            quantize_static(
+                str(prepared),
+                str(out),
+                reader,
+                quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=softmax,  # float probabilities: 8-bit ones would tie close classes
+            )  # MinMax keeps only each batch's per-tensor min and max (reduced inside the graph): small memory
     prepared.unlink()
 
 
@@ -381,20 +385,23 @@ def finetune(
         model.lr = float(lr)  # the head LR; the backbone's follow from it as in training
     model.train_every_layer()
     L.seed_everything(model.hparams.seed, verbose=False)
-    trainer = L.Trainer(
-        **trainer_cfg,
-        max_epochs=epochs,
-        default_root_dir=work,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=sys.stdout.isatty(),
-        num_sanity_val_steps=0,
-        callbacks=[RunClock(print_lines=not sys.stdout.isatty())],
-        **limits,
-    )
-    model.train()  # Lightning keeps the modes it is given: BatchNorm must re-learn its statistics
-    trainer.fit(model, datamodule=datamodule)
+    with quiet_libraries(
+        ("lightning.pytorch", "lightning.fabric")
+    ):  # its device lines and tips: to the log file
+        trainer = L.Trainer(
+            **trainer_cfg,
+            max_epochs=epochs,
+            default_root_dir=work,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=sys.stdout.isatty(),
+            num_sanity_val_steps=0,
+            callbacks=[RunClock(print_lines=not sys.stdout.isatty())],
+            **limits,
+        )
+        model.train()  # Lightning keeps the modes it is given: BatchNorm must re-learn its statistics
+        trainer.fit(model, datamodule=datamodule)
     model.cpu().eval()
     return {
         k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss", "val/acc")

@@ -109,6 +109,10 @@ def fit(run: Run, ckpt_path: str | Path | None) -> None:
         with warnings.catch_warnings():
             # ResumeMidEpoch makes a mid-epoch resume exact, which Lightning cannot see from the loader
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+            # StepLogInterval lowers log_every_n_steps to the epoch's steps once training starts
+            warnings.filterwarnings("ignore", message=".* is smaller than the logging interval")
+            # a line per LR group name: MLflow's metric names drop the ':' and '+' of the group names
+            warnings.filterwarnings("ignore", message="MLFlow only allows")
             trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
     except UserError:
         raise

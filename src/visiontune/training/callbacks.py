@@ -9,7 +9,9 @@
   before the first training step saves nothing (it is a setup error, not a lost run).
 - `ResumeMidEpoch`: the position within the epoch, in every checkpoint, so that resume is exact.
 - `RunClock`: counts the images and epochs trained in this process (so throughput after a resume is
-  honest), and prints one plain line per epoch when stdout is not a terminal.
+  honest), and prints one plain line per epoch when stdout is not a terminal (its img/s: training only).
+- `StepLogInterval`: a short run logs step scalars too (`log_every_n_steps` at most one epoch's steps).
+- `TrainingCurves`: `curves.png` in the run dir (losses, metrics, LRs by epoch), redrawn at every epoch end.
 - `ReadCheck`: no false success on data that breaks mid-run. An epoch (training or validation) or the
   test that reads too few of its images ends the run in one line, before its metrics are logged or its
   checkpoints written; an empty split is refused before anything trains.
@@ -18,12 +20,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -32,6 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from visiontune.data.datamodule import EpochShuffleSampler
+from visiontune.data.temporaries import temp_path
 from visiontune.errors import UserError
 
 log = logging.getLogger("visiontune")
@@ -211,7 +216,10 @@ class SaveOnInterrupt(L.Callback):
 
 
 def worker_died(exception: BaseException) -> bool:
-    """Whether `exception` is PyTorch's report of a DataLoader worker process that died."""
+    """Whether `exception` is PyTorch's report of a DataLoader worker process that died, or what reading
+    from its closed pipe raises when the worker dies before PyTorch notices (EOFError, a reset connection)."""
+    if isinstance(exception, EOFError | ConnectionResetError | BrokenPipeError):
+        return True
     return isinstance(exception, RuntimeError) and "DataLoader worker (pid" in str(exception)
 
 
@@ -272,34 +280,51 @@ class ResumeMidEpoch(L.Callback):
 
 
 class RunClock(L.Callback):
-    """Images and epochs trained in this process, with one plain progress line per epoch if asked."""
+    """Images and epochs trained in this process, with one plain progress line per epoch if asked.
 
-    def __init__(self, print_lines: bool):
+    The line's img/s is the training throughput: the epoch's images over the time of its training batches
+    (each from the end of the one before, of the epoch's start, or of a validation), so that validation
+    and the epoch-end work (checkpoints, curves) do not count. Its seconds are the whole epoch's.
+    `clock` is the time source (seconds).
+    """
+
+    def __init__(self, print_lines: bool, clock: Callable[[], float] = time.perf_counter):
         self.print_lines = print_lines
+        self.clock = clock
         self.images = 0
         self.epochs = 0
         self.started = 0.0
         self._epoch_start = 0.0
         self._epoch_images = 0
+        self._train_seconds = 0.0  # of this epoch's training batches
+        self._mark = 0.0  # where the next batch's time starts
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.started = time.perf_counter()
+        self.started = self.clock()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._epoch_start = time.perf_counter()
+        self._epoch_start = self._mark = self.clock()
         self._epoch_images = 0
+        self._train_seconds = 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = self.clock()
+        self._train_seconds += now - self._mark
+        self._mark = now
         if batch is not None:
             n = len(batch[0])
             self.images += n
             self._epoch_images += n
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:  # a validation within the epoch: the next batch starts after it
+            self._mark = self.clock()
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.epochs += 1
         if not self.print_lines or not trainer.is_global_zero:
             return
-        now = time.perf_counter()
+        now = self.clock()
         seconds = now - self._epoch_start
         done = trainer.current_epoch + 1
         left = max(0, (trainer.max_epochs or done) - done)
@@ -309,11 +334,177 @@ class RunClock(L.Callback):
         )
         eta = (now - self.started) / max(self.epochs, 1) * left
         print(
-            f"epoch {done}/{trainer.max_epochs}  {shown}  {self._epoch_images / max(seconds, 1e-9):.0f} img/s  "
-            f"{seconds:.0f} s  ETA {format_seconds(eta)}",
+            f"epoch {done}/{trainer.max_epochs}  {shown}  {self._epoch_images / max(self._train_seconds, 1e-9):.0f} "
+            f"img/s  {seconds:.0f} s  ETA {format_seconds(eta)}",
             file=sys.stdout,
             flush=True,
         )
+
+
+class StepLogInterval(L.Callback):
+    """Step scalars in every run: `log_every_n_steps` becomes at most one epoch's optimizer steps.
+
+    Lightning logs the step values (train/loss_step, the LR monitor's) every `log_every_n_steps` optimizer
+    steps of the run, so a run with fewer steps than that would log none. The configured value stays
+    the largest interval. Set when training starts, once the number of batches is known.
+    """
+
+    def __init__(self):
+        self.configured: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.configured is None:
+            self.configured = int(trainer.log_every_n_steps)
+        batches = trainer.num_training_batches
+        if self.configured > 0 and 0 < batches < float("inf"):
+            steps = math.ceil(batches / max(1, int(trainer.accumulate_grad_batches)))
+            if trainer.max_steps > 0:  # a run shorter than one epoch
+                steps = min(steps, trainer.max_steps)
+            trainer.log_every_n_steps = min(self.configured, steps)
+
+
+class TrainingCurves(L.Callback):
+    """`curves.png` in the run dir, drawn again at every epoch end, so that a running job can be looked at.
+
+    Three panels by epoch: the train and val losses; the metrics (each stage's top-level ones, such as
+    val/acc, val/map or val/score, and the monitor, whichever it is); the LR of each optimizer group
+    (groups whose LRs are the same throughout share a line). The values are the epoch's, from
+    `trainer.callback_metrics`: the val ones as its last validation left them, so an epoch that did
+    not validate has no val point. Rank 0 draws, into a temporary file renamed over the old one. The
+    epochs so far are part of every checkpoint, so the curves of a resumed run start at its epoch 1.
+    """
+
+    def __init__(self, path: Path, monitor: str):
+        self.path = Path(path)
+        self.monitor = monitor
+        self.epochs: list[dict[str, float]] = []  # per epoch: "epoch", metric names and "lr/<group>"
+        self._val: dict[str, float] = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._val = epoch_scalars(trainer.callback_metrics, "val/", self.monitor)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run:
+            return
+        epoch = trainer.current_epoch + 1
+        row = {"epoch": epoch, **epoch_scalars(trainer.callback_metrics, "train/", self.monitor), **self._val}
+        for i, group in enumerate(trainer.optimizers[0].param_groups if trainer.optimizers else ()):
+            name = str(group.get("name", i))
+            if not name.endswith(".no_decay"):  # a twin of its group, at the same LR
+                row[f"lr/{name}"] = float(group["lr"])
+        self._val = {}
+        self.epochs = [r for r in self.epochs if r["epoch"] < epoch] + [row]
+        if trainer.is_global_zero:
+            try:
+                draw_curves(self.epochs, self.path, self.monitor)
+            except OSError as exc:  # a plot is no reason to stop training
+                log.warning("could not write %s: %s", self.path, exc)
+
+    def state_dict(self) -> dict:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epochs = list(state_dict.get("epochs", []))
+
+
+def epoch_scalars(metrics: dict, stage: str, monitor: str) -> dict[str, float]:
+    """The `stage` ("train/", "val/") values of `metrics` that the curves show: the top-level names
+    (`val/acc`, not a head's `val/<head>/acc`, nor Lightning's `_step`/`_epoch` copies) and the monitor."""
+    out = {}
+    for name, value in metrics.items():
+        top = name.count("/") == 1 and not name.endswith(("_step", "_epoch"))
+        if name.startswith(stage) and (top or name == monitor):
+            out[name] = float(value)
+    return out
+
+
+# more LR lines than this are coloured input -> output, and only the first and the last are named
+MANY_LR_LINES = 8
+
+
+def draw_curves(epochs: list[dict[str, float]], path: Path, monitor: str) -> None:
+    """Write `path` (PNG): losses, metrics and LRs by epoch, one panel each; through a temporary file."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    names = list(dict.fromkeys(k for row in epochs for k in row if k != "epoch"))  # LRs in group order
+    lrs = [k for k in names if k.startswith("lr/")]
+    losses = sorted(k for k in names if k not in lrs and k.endswith("loss"))
+    metrics = sorted(k for k in names if k not in lrs and k not in losses)
+    panels = (
+        ("loss", [(k, k) for k in losses]),
+        ("metrics", [(k + (" (monitor)" if k == monitor else ""), k) for k in metrics]),
+        ("learning rate", shared_lines(epochs, lrs)),
+    )
+    figure = Figure(figsize=(15, 3.6), dpi=80)
+    FigureCanvasAgg(figure)
+    for ax, (title, lines) in zip(figure.subplots(1, 3), panels, strict=True):
+        colours: dict[str, str] = {}  # train/acc and val/acc: one colour, dashed and solid
+        many = len(lines) > MANY_LR_LINES
+        for i, (label, key) in enumerate(lines):
+            points = [(row["epoch"], row[key]) for row in epochs if key in row]
+            if many:  # "_" labels stay out of the legend
+                colour, label = (
+                    colormaps["viridis"](i / (len(lines) - 1)),
+                    label if i in (0, len(lines) - 1) else "_",
+                )
+            else:
+                colour = colours.setdefault(key.partition("/")[2], f"C{len(colours)}")
+            ax.plot(
+                [epoch for epoch, _ in points],
+                [value for _, value in points],
+                marker="o",
+                markersize=3,
+                color=colour,
+                linestyle="--" if key.startswith("train/") else "-",
+                linewidth=2.2 if key == monitor else 1.2,
+                label=label,
+            )
+        if lines and title == "learning rate":  # the group names are long: beside the panel
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+        elif lines:
+            ax.legend(fontsize=7, framealpha=0.7)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    if lrs and all(row[k] > 0 for row in epochs for k in lrs if k in row):
+        figure.axes[2].set_yscale("log")
+    figure.subplots_adjust(left=0.04, right=0.77, bottom=0.14, top=0.9, wspace=0.22)
+    partial = temp_path(path)
+    try:
+        figure.savefig(partial, format="png")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def shared_lines(epochs: list[dict[str, float]], keys: list[str]) -> list[tuple[str, str]]:
+    """(label, key) per line of the LR panel: the groups whose LRs are the same in every epoch share one,
+    labelled by their first and last names and their number. A long name is cut to its index part
+    (`backbone.5:blocks.4+bn2+conv_head` -> `backbone.5`)."""
+    shared: dict[tuple, list[str]] = {}
+    for key in keys:
+        shared.setdefault(tuple(row.get(key) for row in epochs), []).append(key)
+    lines = []
+    for group in shared.values():
+        names = [key.removeprefix("lr/") for key in group]
+        if len(names) == 1:
+            label = names[0] if len(names[0]) <= 36 else short_name(names[0])
+        else:
+            label = f"{short_name(names[0])} .. {short_name(names[-1])} ({len(names)} groups)"
+        lines.append((label, group[0]))
+    return lines
+
+
+def short_name(group: str) -> str:
+    """A group name for a legend: `backbone.5:blocks.4+bn2` -> `backbone.5`; at most 24 characters."""
+    name = group.partition(":")[0]
+    return name if len(name) <= 24 else name[:22] + ".."
 
 
 class ReadCheck(L.Callback):
