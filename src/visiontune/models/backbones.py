@@ -11,6 +11,7 @@ cache run the frozen bottom once and the rest from its cached output (`Backbone.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visiontune.errors import UserError
+from visiontune.errors import UserError, one_line
 
 # torchvision names this template knows how to split into groups (the family decides how).
 TORCHVISION_NAMES = (
@@ -305,13 +306,185 @@ def _timm_chain(model: nn.Module) -> Chain | None:
 def _timm_data_config(model: nn.Module) -> dict:
     import timm.data
 
-    cfg = timm.data.resolve_data_config({}, model=model)
-    return {k: cfg[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct")}
+    return _plain_data_config(timm.data.resolve_data_config({}, model=model))
+
+
+def _plain_data_config(cfg: dict) -> dict:
+    """The keys a DataModule reads, with tuples where a config.json gave lists."""
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct")
+    return {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in keys}
+
+
+# ---------------------------------------------------------------- timm from the Hugging Face Hub
+
+# The weights files a timm repo on the Hub holds, in timm's order of preference.
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HUB_PROBE_TIMEOUT_S = 5
+
+
+def _timm_source(name: str) -> tuple[str | None, str]:
+    """timm's own source prefix of a name ("hf-hub" for hf_hub:/hf-hub:, "local-dir", or None for a name
+    of timm's registry) and the repo id or folder after it."""
+    from timm.models import parse_model_name
+
+    try:
+        return parse_model_name(name)
+    except ValueError as exc:
+        raise UserError(f"timm:{name}: {one_line(exc)}") from None
+
+
+def _hub_cache() -> Path:
+    """Where huggingface_hub looks for downloaded repos: $HF_HUB_CACHE, by default $HF_HOME/hub."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached now (offline mode, no route to it), or None when it may be.
+
+    Asked before a download, because huggingface_hub retries a failed connection for half a minute.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # through a proxy: only the download itself can tell
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"{url.hostname} cannot be reached: {exc.strerror or type(exc).__name__}"
+    return None
+
+
+def _hub_file(spec: str, repo: str, revision: str | None, filename: str) -> Path | None:
+    """`filename` of a Hub repo, from the cache or else downloaded into it; None when the repo has no
+    such file. A repo that cannot be reached, and is not in the cache, is one line that names the cache."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    cached = huggingface_hub.try_to_load_from_cache(repo, filename, revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    if cached is not None:  # the cache knows that the repo has no such file
+        return None
+    problem = _hub_unreachable()
+    if problem is None:
+        try:
+            return Path(huggingface_hub.hf_hub_download(repo, filename, revision=revision))
+        except LocalEntryNotFoundError as exc:
+            problem = one_line(exc, 80)
+        except EntryNotFoundError:
+            return None
+        except HfHubHTTPError as exc:
+            status = getattr(exc.response, "status_code", None)
+            raise UserError(
+                f"{spec}: the Hugging Face repo {repo} cannot be read (HTTP {status}): it does not exist, "
+                "or it is private or gated (log in with `hf auth login`, or set HF_TOKEN)"
+            ) from None
+        except OSError as exc:
+            problem = f"{type(exc).__name__}: {one_line(exc, 80)}"
+    cache = _hub_cache()
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    raise UserError(
+        f"{spec}: {filename} of the Hugging Face repo {repo} is not in the cache {cache} and cannot be "
+        f"downloaded ({problem}). Fix: download the repo once with a network (hf download {repo}) into this "
+        f"cache, or copy its files into {folder}/snapshots/<commit>/ with refs/main holding <commit>, or set "
+        "HF_HOME (or HF_HUB_CACHE) to a cache that holds it"
+    )
+
+
+def _timm_folder(name: str, weights: bool) -> Path:
+    """The folder holding config.json (and, with `weights`, the weights) of a `hf_hub:` or `local-dir:` name:
+    for the Hub, the repo's snapshot in the cache, downloaded there when it is not yet."""
+    source, ident = _timm_source(name)
+    spec = f"timm:{name}"
+    if source == "local-dir":
+        folder = Path(ident).expanduser()
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{spec}: {folder / 'config.json'} does not exist. Fix: a folder saved by timm")
+        return folder
+    repo, _, revision = ident.partition("@")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        raise UserError(f"{spec}: {one_line(exc)}. Fix: timm:hf_hub:<org>/<repo>[@<revision>]") from None
+    config = _hub_file(spec, repo, revision or None, "config.json")
+    if config is None:
+        raise UserError(f"{spec}: the Hugging Face repo {repo} has no config.json: not a timm model")
+    folder = config.parent
+    if weights and not any((folder / f).is_file() for f in HUB_WEIGHTS):
+        # the snapshot of the config's own commit (its folder's name), so the weights land beside it
+        for filename in HUB_WEIGHTS:
+            if _hub_file(spec, repo, folder.name, filename) is not None:
+                break
+        else:
+            raise UserError(f"{spec}: the Hugging Face repo {repo} holds no {' or '.join(HUB_WEIGHTS)}")
+    return folder
+
+
+def _create_timm_from_folder(name: str, pretrained: bool) -> Backbone:
+    """`timm:hf_hub:<repo>` (also hf-hub:, and local-dir:<folder>): the architecture in the repo's
+    config.json, and (pretrained) its weights, as timm builds them; from the Hub cache once downloaded,
+    so it works offline then. Even with pretrained=false the architecture needs the config.json."""
+    import timm
+
+    folder = _timm_folder(name, weights=pretrained)
+    try:
+        model = timm.create_model(f"local-dir:{folder}", pretrained=pretrained, num_classes=0)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise UserError(
+            f"timm:{name}: timm cannot build the model in {folder} ({one_line(exc, 160)})"
+        ) from None
+    return Backbone(
+        f"timm:{name}",
+        model,
+        model.num_features,
+        _timm_groups(model),
+        _timm_data_config(model),
+        _timm_chain(model),
+    )
+
+
+def _timm_folder_data_config(name: str) -> dict:
+    import timm.data
+    from timm.models._hub import load_model_config_from_path
+
+    pretrained_cfg, _, _ = load_model_config_from_path(_timm_folder(name, weights=False))
+    return _plain_data_config(timm.data.resolve_data_config({}, pretrained_cfg=pretrained_cfg))
+
+
+def _timm_weights_status(name: str) -> str:
+    source, ident = _timm_source(name)
+    if source is None:
+        return "Hugging Face hub cache"
+    if source == "local-dir":
+        folder = Path(ident).expanduser()
+        found = [f for f in HUB_WEIGHTS if (folder / f).is_file()]
+        return f"yes ({folder / found[0]})" if found else f"no ({' or '.join(HUB_WEIGHTS)} not in {folder})"
+    import huggingface_hub
+
+    repo, _, revision = ident.partition("@")
+    for filename in HUB_WEIGHTS:
+        cached = huggingface_hub.try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(cached, str):
+            return f"yes ({cached})"
+    return f"no (hf download {repo}, into {_hub_cache()})"
 
 
 def _create_timm(name: str, pretrained: bool) -> Backbone:
     import timm
 
+    if _timm_source(name)[0] is not None:  # hf_hub:<repo> or local-dir:<folder>
+        return _create_timm_from_folder(name, pretrained)
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         close = timm.list_models(f"*{name[:6]}*")[:5]
         raise UserError(f"unknown timm model '{name}'. Similar: {close}. List them with `timm.list_models()`")
@@ -327,7 +500,7 @@ def _create_timm(name: str, pretrained: bool) -> Backbone:
         raise UserError(
             f"pretrained weights for 'timm:{name}' are not available ({type(exc).__name__}): the Hugging Face "
             f"repo {hub_id} is not in {HF_HUB_CACHE} and could not be downloaded. Fix: download it there "
-            f"(huggingface-cli download {hub_id}), or train from scratch with model.pretrained=false"
+            f"(hf download {hub_id}), or train from scratch with model.pretrained=false"
         ) from None
     return Backbone(
         f"timm:{name}",
@@ -467,20 +640,132 @@ def _file_weights_status(spec: str) -> str:
     return f"yes ({path})" if path.is_file() else f"no ({path} does not exist)"
 
 
+# ---------------------------------------------------------------- a previous run (chained transfer)
+
+# The one reader of checkpoints: `visiontune.training.checkpoints.load_checkpoint` (a file, a URL or an
+# export folder of format=hf, read with weights_only=True, anything foreign refused in one line). It
+# sits a layer above and registers itself here when imported, as every command does.
+CHECKPOINT_READER: list[Callable[[str], dict]] = []
+# the data keys of a run that override its backbone's pretrained preprocessing
+DATA_KEYS = {"image_size": "input_size", "mean": "mean", "std": "std", "interpolation": "interpolation",
+             "crop_pct": "crop_pct"}  # fmt: skip
+
+
+def _read_run(path: str) -> tuple[dict, dict]:
+    """(the checkpoint, its hyper_parameters) of a `ckpt:` name; one line when it is not a visiontune run."""
+    if not CHECKPOINT_READER:
+        raise RuntimeError("ckpt: backbones are read by visiontune.training.checkpoints: import it first")
+    try:
+        checkpoint = CHECKPOINT_READER[0](path)
+    except UserError as exc:
+        raise UserError(f"model.backbone=ckpt:{path}: {one_line(exc)}") from None
+    hparams = checkpoint["hyper_parameters"]
+    model = hparams.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("backbone"), str):
+        raise UserError(
+            f"model.backbone=ckpt:{path}: the checkpoint names no backbone (no model.backbone in its settings): "
+            "not a visiontune run. Fix: ckpt:<run dir>/checkpoints/best.ckpt"
+        )
+    if checkpoint.get("structure"):
+        raise UserError(
+            f"model.backbone=ckpt:{path}: a pruned model (visiontune-compress method=prune) has narrower layers "
+            f"than {model['backbone']}; start from the checkpoint it was pruned from"
+        )
+    return checkpoint, hparams
+
+
+def _run_data_config(hparams: dict, pretrained: dict) -> dict:
+    """The preprocessing a run trained with: its backbone's pretrained config with the run's own data
+    keys (image_size, mean, std, interpolation, crop_pct) over it."""
+    out = dict(pretrained)
+    data = hparams.get("data") or {}
+    for key, target in DATA_KEYS.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if key == "image_size":
+            value = (pretrained["input_size"][0], int(value), int(value))
+        out[target] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _merged_lora(arch: str, state: dict, finetune: dict) -> dict:
+    """The backbone's state with each LoRA update folded into its base weight (a finetune=lora run):
+    the same adapters on the same layers, its tensors loaded, then merged; plain tensor names again."""
+    from visiontune.models.adapters import LORA_MARK, add_lora, merge_lora
+
+    lora = dict(finetune.get("lora") or {})
+    layers = sorted({k.removeprefix("body.").split(LORA_MARK)[0] for k in state if LORA_MARK in k})
+    adapted = create_backbone(arch, pretrained=False)
+    add_lora(adapted, lora.get("r", 8), lora.get("alpha", 16), 0.0, [re.escape(n) for n in layers], set())
+    adapted.load_state_dict(state)
+    merge_lora(adapted.body)
+    return adapted.state_dict()
+
+
+def _create_from_checkpoint(path: str, pretrained: bool) -> Backbone:
+    """`ckpt:<checkpoint or export folder>`: a previous run's backbone, as that run left it.
+
+    The backbone it started from is built by its own name (random init), so its groups, chain and
+    strategies are that family's; its weights are the checkpoint's tensors under `backbone.` (a LoRA
+    run's adapters merged in); its preprocessing is the run's. The run's head is dropped: the new run
+    adds its own. With pretrained=false (a chained run's checkpoint being rebuilt) only the settings are
+    read.
+    """
+    checkpoint, hparams = _read_run(path)
+    arch = hparams["model"]["backbone"]
+    backbone = create_backbone(arch, pretrained=False)
+    backbone.name = f"ckpt:{path}"
+    backbone.data_config = _run_data_config(hparams, backbone.data_config)
+    if not pretrained:
+        return backbone
+    state = {
+        k[len("backbone.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")
+    }
+    finetune = (hparams.get("optim") or {}).get("finetune") or {}
+    try:
+        if any(".lora_" in k for k in state):
+            state = _merged_lora(arch, state, finetune)
+        backbone.load_state_dict(state)
+    except (RuntimeError, UserError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), str(exc))
+        raise UserError(
+            f"model.backbone=ckpt:{path}: its backbone tensors do not fit {arch} ({first[:160]})"
+        ) from None
+    return backbone
+
+
+def _checkpoint_data_config(path: str) -> dict:
+    _, hparams = _read_run(path)
+    return _run_data_config(hparams, backbone_data_config(hparams["model"]["backbone"]))
+
+
+def _checkpoint_weights_status(path: str) -> str:
+    where = Path(path).expanduser()
+    if not where.exists():
+        return f"no ({where} does not exist)"
+    try:
+        _, hparams = _read_run(path)
+    except UserError as exc:
+        return f"no ({one_line(exc, 120)})"
+    return f"yes ({where}, a fine-tuned {hparams['model']['backbone']})"
+
+
 # ---------------------------------------------------------------- the table of sources
 
 
 def _timm_data_config_by_name(timm_name: str) -> dict:
     import timm.data
 
+    if _timm_source(timm_name)[0] is not None:
+        return _timm_folder_data_config(timm_name)
     cfg = timm.models.get_pretrained_cfg(timm_name)
     if cfg is None:
         close = timm.list_models(f"*{timm_name[:6]}*")[:5]
         raise UserError(
             f"unknown timm model '{timm_name}'. Similar: {close}. List them with `timm.list_models()`"
         )
-    resolved = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict())
-    return {k: resolved[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct")}
+    return _plain_data_config(timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict()))
 
 
 def _torchvision_data_config_by_name(name: str) -> dict:
@@ -519,21 +804,31 @@ SOURCES = {
     "torchvision": Source(
         "torchvision", _create_torchvision, _torchvision_data_config_by_name, _torchvision_weights_status
     ),
-    "timm": Source("timm", _create_timm, _timm_data_config_by_name, lambda name: "Hugging Face hub cache"),
+    "timm": Source("timm", _create_timm, _timm_data_config_by_name, _timm_weights_status),
     "lite": Source(
         "lite", _create_lite, lambda name: _timm_data_config_by_name(f"tf_{name}"), _lite_weights_status
     ),
     "file": Source("file", _create_from_file, _file_data_config, _file_weights_status),
+    "ckpt": Source("ckpt", _create_from_checkpoint, _checkpoint_data_config, _checkpoint_weights_status),
 }
 
 
 def available_names() -> list[str]:
-    return list(TORCHVISION_NAMES) + list(LITE_NAMES) + ["timm:<any timm model>", "file:<path>@<arch>"]
+    return (
+        list(TORCHVISION_NAMES)
+        + list(LITE_NAMES)
+        + [
+            "timm:<any timm model>",
+            "timm:hf_hub:<org>/<repo>",
+            "file:<path>@<arch>",
+            "ckpt:<checkpoint or export folder>",
+        ]
+    )
 
 
 def classify(name: str) -> tuple[Source, str]:
     """(the source, the name within it) of a backbone name; the one place names are told apart."""
-    for prefix in ("timm", "file"):
+    for prefix in ("timm", "file", "ckpt"):
         if name.startswith(prefix + ":"):
             return SOURCES[prefix], name[len(prefix) + 1 :]
     if name in LITE_NAMES:

@@ -6,6 +6,8 @@ with no `.tmp` left behind.
 Reading: always `torch.load(weights_only=True)`, local or remote (http(s):// and any fsspec URL,
 where Lightning's own default would be `weights_only=False`), so a checkpoint can never run code;
 anything that is not one of ours is one clear line that names the file and what it is.
+A folder written by `visiontune-export format=hf` (config.json and model.safetensors) reads as a
+checkpoint too (`read_hub_folder`): weights and settings, no optimizer state, so it cannot resume a run.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from visiontune.data.temporaries import temp_path, write_json
 from visiontune.errors import UserError, one_line
 from visiontune.models.adapters import ADAPTER_FILE, adapter_keys
+from visiontune.models.backbones import CHECKPOINT_READER
 from visiontune.models.structure import apply_structure
 from visiontune.training.module import ImageClassifier
 
@@ -112,6 +115,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_atomic(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        folder = Path(str(path).removeprefix("file://"))
+        if not is_remote(path) and folder.is_dir() and any((folder / name).exists() for name in HUB_FILES):
+            raise UserError(
+                f"{path} is an exported model folder (weights only, no optimizer state): a run cannot resume "
+                "from it. Fix: ckpt_path=<run dir>/checkpoints/last.ckpt"
+            )
         return load_checkpoint(path)
 
 
@@ -184,9 +193,14 @@ def load_checkpoint(path: str | Path) -> dict:
         size, head, stream = len(data), data[:4], io.BytesIO(data)
     else:
         source = Path(str(path).removeprefix("file://"))
+        if source.is_dir() and any((source / name).exists() for name in HUB_FILES):
+            return read_hub_folder(source)
         if not source.is_file():
-            what = "is a folder, not a file" if source.is_dir() else "does not exist"
-            raise UserError(f"checkpoint {source} {what}. Fix: ckpt_path=<run dir>/checkpoints/best.ckpt")
+            what = "is a folder, not a file nor an export folder" if source.is_dir() else "does not exist"
+            raise UserError(
+                f"checkpoint {source} {what}. Fix: ckpt_path=<run dir>/checkpoints/best.ckpt (or the folder of "
+                "visiontune-export format=hf)"
+            )
         try:
             size = source.stat().st_size
             with open(source, "rb") as f:
@@ -208,9 +222,13 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+# `model.backbone=ckpt:<path>` (models/backbones.py, a layer below) reads its checkpoint here
+CHECKPOINT_READER[:] = [load_checkpoint]
+
+
 def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
-    """Rebuild a trained model from its checkpoint alone (or from an adapter file and its pretrained
-    backbone: `load_adapter`), in eval mode.
+    """Rebuild a trained model from its checkpoint alone (or from an export folder of format=hf, or from
+    an adapter file and its pretrained backbone: `load_adapter`), in eval mode.
 
     The backbone is built with random init and then takes the checkpoint's weights, so nothing is
     downloaded and a `file:` backbone does not need its original weights file.
@@ -240,6 +258,77 @@ def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
             f"{ckpt_path}: the weights do not fit the model it describes ({str(exc).splitlines()[0]})"
         ) from None
     return model.eval()
+
+
+# ---------------------------------------------------------------- the Hugging Face folder (export format=hf)
+
+HUB_CONFIG, HUB_WEIGHTS = "config.json", "model.safetensors"
+HUB_FILES = (HUB_CONFIG, HUB_WEIGHTS)
+HUB_FORMAT = 1
+FIX_HUB = "Fix: export it again (visiontune-export ckpt_path=<run dir>/checkpoints/best.ckpt format=hf)"
+
+
+def write_hub_files(checkpoint: dict, folder: Path, described: dict) -> None:
+    """model.safetensors (the checkpoint's whole state dict: backbone and head) and config.json into
+    `folder`: `described` (what a reader of the Hub sees: classes, preprocessing, task), then what rebuilds
+    the model exactly, the checkpoint's `hyper_parameters` and (a pruned model) its `structure`."""
+    from safetensors.torch import save_file
+
+    # contiguous copies: safetensors refuses views and tensors that share memory
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in checkpoint["state_dict"].items()}
+    weights = Path(folder) / HUB_WEIGHTS
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    weights.chmod(0o644)  # safetensors writes it owner-only; the folder is meant to be shared
+    config = {
+        "library_name": "visiontune",
+        "visiontune_format": HUB_FORMAT,
+        **described,
+        "structure": checkpoint.get("structure"),
+        "epoch": checkpoint.get("epoch"),
+        "hyper_parameters": checkpoint["hyper_parameters"],
+    }
+    (Path(folder) / HUB_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_hub_folder(folder: Path) -> dict:
+    """An export folder of format=hf as a checkpoint dict (`state_dict`, `hyper_parameters`, `structure`,
+    `epoch`); a missing or foreign file is one line that names it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    missing = [name for name in HUB_FILES if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"export folder {folder} has no {missing[0]}: it is incomplete. {FIX_HUB}")
+    try:
+        config = json.loads((folder / HUB_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{folder / HUB_CONFIG} is not readable JSON ({one_line(exc, 80)}). {FIX_HUB}"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("hyper_parameters"), dict):
+        raise UserError(
+            f"{folder / HUB_CONFIG} describes no visiontune model (no hyper_parameters): a Hub folder of another "
+            "library? To fine-tune a timm model folder: model.backbone=timm:local-dir:<folder>"
+        )
+    if (
+        not isinstance(config.get("visiontune_format", HUB_FORMAT), int)
+        or config.get("visiontune_format", 1) > HUB_FORMAT
+    ):
+        raise UserError(f"{folder} was written by a newer visiontune (format {config['visiontune_format']})")
+    try:
+        tensors = load_file(str(folder / HUB_WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(
+            f"{folder / HUB_WEIGHTS} is not a readable safetensors file ({one_line(exc, 80)}). {FIX_HUB}"
+        ) from None
+    for check in SETTINGS_CHECKS:
+        check(config["hyper_parameters"], str(folder))
+    return {
+        "state_dict": tensors,
+        "hyper_parameters": config["hyper_parameters"],
+        "structure": config.get("structure"),
+        "epoch": config.get("epoch"),
+    }
 
 
 # ---------------------------------------------------------------- parameter-efficient runs
