@@ -42,6 +42,9 @@ from visiontune.data.datamodule import FILE_DATASETS
 from visiontune.data.standard import STANDARD
 from visiontune.data.transforms import PRESETS
 from visiontune.errors import UserError, one_line
+from visiontune.evaluation.adapt import METHODS as ADAPT_METHODS
+from visiontune.evaluation.adapt import OPTIMIZERS as ADAPT_OPTIMIZERS
+from visiontune.evaluation.adapt import RESETS as ADAPT_RESETS
 from visiontune.models.heads import TASKS, WEIGHTINGS, check_heads
 from visiontune.training.finetune import SCHEDULES as FREEZE_SCHEDULES
 from visiontune.training.module import OPTIMIZERS
@@ -372,7 +375,9 @@ class Logger:
 
     csv: bool = key("<run>/csv/metrics.csv")
     tensorboard: bool = key("<run>/tensorboard")
-    mlflow: dict | None = key("MLFlowLogger arguments (null = off; no tracking_uri = <run>/mlruns)")
+    mlflow: dict | None = key(
+        "MLFlowLogger arguments (null = off; no tracking_uri = <run>/mlflow.db, SQLite)"
+    )
     wandb: dict | None = key("WandbLogger arguments, e.g. {project: p, offline: true} (null = off)")
 
 
@@ -796,6 +801,20 @@ class CompressTrainer(EvalTrainer):
 
 
 @dataclass
+class Adapt:
+    """adapt (eval, predict): test-time adaptation of a copy of the model (evaluation/adapt.py)."""
+
+    method: Literal[ADAPT_METHODS] = key("none, bn (re-estimate BatchNorm statistics) or tent (entropy minimisation)", required=True)  # fmt: skip
+    lr: float = key("tent: the LR of the norm layers' affine parameters", gt=0)
+    steps: int = key("tent: gradient steps per batch", ge=1)
+    reset: Literal[ADAPT_RESETS] = key(
+        "tent: never (adapt along the stream) or batch (restore before each batch)"
+    )
+    optimizer: Literal[ADAPT_OPTIMIZERS] = key("tent: adam or sgd (momentum 0.9)")
+    shuffle: bool = key("the adapter sees the items in a seeded random order (false = the order given)")
+
+
+@dataclass
 class EvalConfig:
     """The keys of conf/eval.yaml that are checked before eval runs."""
 
@@ -804,6 +823,7 @@ class EvalConfig:
     robustness: bool = key("re-test under common corruptions at severities 1-5")
     robustness_subset: int | None = key("the seeded test subset of the robustness eval (null = all)", ge=1)
     robustness_seed: int = key("seeds that subset and the random corruptions", ge=0)
+    adapt: Adapt = key("test-time adaptation")
 
 
 def validate_eval_config(cfg) -> list[str]:
@@ -871,8 +891,9 @@ def check_checkpoint_settings(hparams: dict, source: str) -> None:
 
 # -- `visiontune-train --help`
 def option_names(conf_dir: Path) -> dict[str, list[str]]:
-    """The groups of conf/ and their options, without the private bases (`_base`, `_standard`)."""
-    groups = sorted(d for d in conf_dir.iterdir() if d.is_dir() and d.name != "hydra")
+    """The groups of conf/ and their options, without the private bases (`_base`, `_standard`) and the
+    groups that only eval and predict use (`adapt`)."""
+    groups = sorted(d for d in conf_dir.iterdir() if d.is_dir() and d.name not in ("hydra", "adapt"))
     return {g.name: sorted(p.stem for p in g.glob("*.yaml") if not p.stem.startswith("_")) for g in groups}
 
 

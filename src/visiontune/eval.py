@@ -13,6 +13,9 @@ equal what training reported for the same checkpoint; test/nll and test/ece use 
 A multilabel or multitask checkpoint gets its per-head metrics (test/<head>/acc, test/map, ...),
 per_label.csv and report.md instead (`REPORTS`: one report per task).
 
+`adapt=bn|tent` evaluates a copy of the model that adapts to the test batches (evaluation/adapt.py): test/*
+are then the adapted model's, and robustness=true measures each cell with and without it.
+
 `device=auto|cpu|cuda` says where the model runs (`trainer.accelerator`, its old spelling, still works).
 """
 
@@ -31,12 +34,14 @@ from visiontune.deploy.inference import quiet_warnings
 from visiontune.deploy.session import InferenceSession, device_setting
 from visiontune.errors import UserError
 from visiontune.evaluation import calibration, report, robustness
+from visiontune.evaluation.adapt import AdaptSettings, make_adapter
 from visiontune.training import tasks
 from visiontune.training.checkpoints import load_checkpoint, save_atomic
 
 log = logging.getLogger("visiontune")
 SUMMARY = ("test/acc", "test/top5", "test/macro_f1", "test/loss", "test/nll", "test/ece", "temperature",
-           "val/nll_before", "val/nll_after", "test/ece_after", "robust/clean_acc", "robust/mean_acc")  # fmt: skip
+           "val/nll_before", "val/nll_after", "test/ece_after", "robust/clean_acc", "robust/mean_acc",
+           "robust/bn/mean_acc", "robust/tent/mean_acc")  # fmt: skip
 
 
 def evaluate(cfg: DictConfig, patch: dict | None = None) -> dict:
@@ -49,6 +54,7 @@ def evaluate(cfg: DictConfig, patch: dict | None = None) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     validate_eval_config(cfg)
+    adapt = adapt_settings(cfg)
     patch = data_patch(cfg) if patch is None else patch
     session = InferenceSession.from_checkpoint(cfg.ckpt_path, device_setting(cfg), patch)
     task = session.task["name"]
@@ -59,8 +65,22 @@ def evaluate(cfg: DictConfig, patch: dict | None = None) -> dict:
             )
     datamodule = session.labelled_data()
     datamodule.setup("test")
-    logits, targets, indices = session.collect(datamodule.test_set, like=datamodule.test_dataloader())
+    loader = datamodule.test_dataloader()
+    session.adapter = make_adapter(session.model, adapt, session.heads, loader.batch_size)
+    logits, targets, indices = session.collect(datamodule.test_set, like=loader)
     return REPORTS[task](session, logits, targets, indices, cfg, run_dir)
+
+
+def adapt_settings(cfg: DictConfig) -> AdaptSettings:
+    """The `adapt` group's settings, refused with calibrate=true: a temperature belongs to the trained
+    model, which predict, export and serve run unadapted."""
+    settings = AdaptSettings.from_config(cfg.get("adapt"))
+    if settings.method != "none" and cfg.get("calibrate"):
+        raise UserError(
+            f"calibrate=true fits the temperature of the trained model, not of adapt={settings.method}. "
+            "Fix: calibrate with adapt=none, then evaluate calibrated.ckpt with adapt"
+        )
+    return settings
 
 
 def evaluate_classes(session, logits, targets, indices, cfg: DictConfig, run_dir: Path) -> dict:
@@ -70,6 +90,8 @@ def evaluate_classes(session, logits, targets, indices, cfg: DictConfig, run_dir
     datamodule, temperature = session.datamodule, session.temperature
     metrics: dict = calibration.classification_metrics(logits, targets, temperature)
     metrics.update({"temperature": temperature, "test/images": len(targets), "ckpt_path": str(cfg.ckpt_path)})
+    if session.adapter is not None:  # test/* are those of the adapted model
+        metrics["adapt"] = session.adapter.method
 
     fitted = None
     if cfg.calibrate:
@@ -78,7 +100,10 @@ def evaluate_classes(session, logits, targets, indices, cfg: DictConfig, run_dir
     if cfg.get("robustness"):
         subset, seed = cfg.get("robustness_subset"), int(cfg.get("robustness_seed") or 0)
         like = datamodule.test_dataloader()
-        metrics.update(robustness.run_robustness(session, subset, seed, run_dir, like=like))
+        adapters = {session.adapter.method: session.adapter} if session.adapter is not None else {}
+        metrics.update(
+            robustness.run_robustness(session, subset, seed, run_dir, like=like, adapters=adapters)
+        )
     if cfg.report.enabled:
         class_names = list(session.heads[0].classes)
         write_report(run_dir, metrics, logits, targets, indices, datamodule, class_names, fitted, cfg)

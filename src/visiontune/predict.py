@@ -11,6 +11,10 @@ files are still predicted and the exit code is 0. A file name that is not UTF-8 
 its own bytes (`surrogateescape`); predictions.csv appears whole or not at all. Probabilities are
 softmax(logits / temperature) with the checkpoint's temperature (eval calibrate=true stores one).
 
+`adapt=bn|tent` predicts through a copy of the model that adapts to the batches (evaluation/adapt.py),
+which it sees in a seeded random order unless adapt.shuffle=false; the rows keep the inputs' order and
+the checkpoint is not changed.
+
 Every task writes one column group per head (deploy/outputs.py): `label,prob,top1_label,top1_prob,...`
 for a multiclass head, `labels,probs` (the labels at or above their thresholds, `|`-separated, most
 probable first) for a multilabel one, named `<head>/label` etc. for multitask (plus `target,correct` for
@@ -28,9 +32,10 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from visiontune.cli import CONF_DIR, REQUIRED, data_patch, print_summary, run_cli
+from visiontune.config import Adapt, check_schema
 from visiontune.data.files import IMAGE_EXTENSIONS, check_image
 from visiontune.data.images import DEFAULT_MAX_PIXELS, open_image
 from visiontune.data.indexed import Indexed
@@ -39,6 +44,7 @@ from visiontune.deploy import outputs
 from visiontune.deploy.inference import item_name, quiet_warnings
 from visiontune.deploy.session import InferenceSession, device_setting
 from visiontune.errors import UserError
+from visiontune.evaluation.adapt import AdaptSettings, make_adapter
 
 log = logging.getLogger("visiontune")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -132,10 +138,14 @@ def _collate(batch):
 
 def run_predictions(session: InferenceSession, dataset, names: list[str], topk: int, tta: str, batch_size: int,
                     num_workers: int) -> list[dict]:  # fmt: skip
-    """One row per item of `dataset` (FileInputs or SplitInputs), in order: each head's cells."""
+    """One row per item of `dataset` (FileInputs or SplitInputs), in order: each head's cells. A
+    test-time adapter sees the items in its own order (adapt.shuffle); the rows keep theirs."""
+    if session.adapter is not None:
+        session.adapter.reset()
+        dataset = Subset(dataset, session.adapter.order(len(dataset)).tolist())
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                         worker_init_fn=ignore_interrupts)  # fmt: skip
-    rows: list[dict] = []
+    rows: list[tuple[int, dict]] = []
     for batch in loader:
         index, images, errors = batch[0], batch[1], batch[2]
         targets = batch[3] if len(batch) > 3 else None
@@ -149,8 +159,8 @@ def run_predictions(session: InferenceSession, dataset, names: list[str], topk: 
             if targets is not None:  # a multiclass split's target is a class index
                 target = targets[j] if isinstance(targets[j], dict) else {session.heads[0].name: targets[j]}
                 row.update(outputs.target_cells(target, session.task, row if j in position else None))
-            rows.append(row)
-    return rows
+            rows.append((i, row))
+    return [row for _, row in sorted(rows, key=lambda pair: pair[0])]
 
 
 def write_rows(rows: list[dict], columns: list[str], path: Path) -> None:
@@ -194,6 +204,8 @@ def predict(cfg: DictConfig, patch: dict | None = None) -> dict:
             f"predict needs ckpt_path={REQUIRED['ckpt_path']} (or adapters='{{task: adapter.safetensors, ...}}', "
             "not both)"
         )
+    if "adapt" in cfg:
+        check_schema(cfg, Adapt, "adapt")
     files = resolve_inputs(inputs) if split is None else None  # bad paths fail before the model loads
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +232,10 @@ def predict_with(session: InferenceSession, cfg: DictConfig, split: str | None, 
         dataset = SplitInputs(source)
         names = [item_name(source, i, split) for i in range(len(source))]
     batch_size = int(cfg.batch_size or session.datamodule.cfg.get("batch_size") or 32)
+    settings = AdaptSettings.from_config(cfg.get("adapt"))
+    if settings.method != "none" and cfg.tta != "none":
+        raise UserError(f"tta={cfg.tta} with adapt={settings.method}: choose one of the two")
+    session.adapter = make_adapter(session.model, settings, session.heads, batch_size)
     rows = run_predictions(session, dataset, names, int(cfg.topk), cfg.tta, batch_size, int(cfg.num_workers))
     columns = ["path", *outputs.head_columns(session.task, split is not None, int(cfg.topk)), "error"]
     write_rows(rows, columns, out)

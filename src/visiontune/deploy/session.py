@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from visiontune.data.indexed import Indexed
 from visiontune.data.workers import ignore_interrupts
@@ -156,7 +156,8 @@ class InferenceSession:
     - `__call__(images)`: RGB PIL images -> probabilities (numpy), what serve answers with;
     - checkpoints only: `model`, `device`, `datamodule` (the checkpoint's data with the command line's
       patch), `labelled_data()` (the same, its class names checked), `logits`, `predict_batch`,
-      `collect`, `export_spec`.
+      `collect`, `export_spec`, and `adapter` (None, or the test-time adaptation that `logits` goes
+      through).
     """
 
     def __init__(self, source: str, task: dict, temperature: float, class_names: list[str]):
@@ -166,6 +167,7 @@ class InferenceSession:
         self.model = self.exported = self.spec = None
         self.device = torch.device("cpu")
         self.patch: dict = {}
+        self.adapter = None  # images -> logits, a copy of the model adapting at test time (adapt=bn|tent)
         self._datamodule = self._transform = None
 
     @classmethod
@@ -237,10 +239,14 @@ class InferenceSession:
         """Each head's probabilities (float32) from logits (a tensor or a numpy array), at the session's temperature."""
         return head_probabilities(torch.as_tensor(logits), self.heads, self.temperature)
 
-    @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The checkpoint's logits (float32, on the CPU) of a preprocessed batch."""
-        return self.model(images.to(self.device)).float().cpu()
+        """The checkpoint's logits (float32, on the CPU) of a preprocessed batch; through the session's
+        `adapter` when it has one (eval and predict `adapt=bn|tent`: a copy of the model that adapts to
+        each batch, evaluation/adapt.py)."""
+        if self.adapter is not None:
+            return self.adapter(images.to(self.device)).float().cpu()
+        with torch.inference_mode():
+            return self.model(images.to(self.device)).float().cpu()
 
     def predict_batch(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
         """Probabilities of a preprocessed batch; with tta=flip, the mean over each image and its mirror."""
@@ -283,7 +289,13 @@ class InferenceSession:
 
     def collect(self, dataset, like: DataLoader | None = None, batch_size: int = 64):
         """(logits (N, outputs), targets {head name: (N, ...)}, dataset indices (N,)) over a split, in
-        order, its unreadable items left out. A multiclass split's targets are its class indices."""
+        order, its unreadable items left out. A multiclass split's targets are its class indices. An
+        adapter starts afresh: each split is a stream of its own."""
+        order = None
+        if self.adapter is not None:  # in the adapter's order (adapt.shuffle), then back in the split's
+            self.adapter.reset()
+            order = self.adapter.order(len(dataset))
+            dataset = Subset(dataset, order.tolist())
         logits, targets, indices = [], [], []
         for batch in indexed_loader(dataset, like, batch_size):
             if batch is None:  # every item of the batch was unreadable
@@ -291,11 +303,13 @@ class InferenceSession:
             index, x, y = batch
             logits.append(self.logits(x))
             targets.append(y if isinstance(y, dict) else {self.heads[0].name: y})
-            indices.append(index)
+            indices.append(index if order is None else order[index])
         if not logits:
             raise UserError("no readable images in this split. Fix: check data.root and the files in it")
-        joined = {name: torch.cat([t[name] for t in targets]) for name in targets[0]}
-        return torch.cat(logits), joined, torch.cat(indices).long()
+        indices = torch.cat(indices).long()
+        back = indices.argsort()
+        joined = {name: torch.cat([t[name] for t in targets])[back] for name in targets[0]}
+        return torch.cat(logits)[back], joined, indices[back]
 
     def export_spec(self, output: str) -> dict:
         """preprocess.json's content: the data's preprocessing, classes, temperature, heads and `output`."""

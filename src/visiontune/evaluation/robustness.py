@@ -13,7 +13,9 @@ and expanded again, so its noise stays grey, as in MNIST-C.
 
 Into the run dir: robustness.csv (corruption, severity, accuracy; a `clean` row with severity 0 first)
 and robustness.png; metrics gain robust/clean_acc, robust/mean_acc (over all corruption x severity),
-robust/<corruption> (its mean over the severities) and robust/images.
+robust/<corruption> (its mean over the severities) and robust/images. With eval adapt=bn|tent every
+cell is measured once more through the adapter, reset per cell: a column accuracy_<method> and the
+same metrics under robust/<method>/ (robust/bn/mean_acc, ...).
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ def accuracy(
     """Top-1 accuracy of the session's model on uint8 `images` under (name, severity) `corruption`
     (None = clean), normalised by `finish`."""
     grey = is_grey(images)
+    if session.adapter is not None:  # the adapter's order (a seeded shuffle); accuracy does not depend on it
+        order = session.adapter.order(len(images))
+        images, labels, indices = images[order], labels[order], indices[order]
     correct = 0
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
@@ -107,11 +112,17 @@ def accuracy(
 
 
 def run_robustness(
-    session: InferenceSession, subset: int | None, seed: int, run_dir: Path, like=None
+    session: InferenceSession, subset: int | None, seed: int, run_dir: Path, like=None, adapters=None
 ) -> dict:
     """Test a checkpoint's session on a `subset` of its data's test split, clean and under every
     corruption and severity; write robustness.csv and robustness.png into `run_dir`; return the
-    robust/* metrics."""
+    robust/* metrics.
+
+    `adapters` ({method: evaluation.adapt.Adapter}): each cell is measured with the trained model and
+    again through each adapter, reset before every cell (each corruption and severity is a domain of its
+    own): robustness.csv gains a column `accuracy_<method>`, the metrics robust/<method>/*."""
+    adapters = dict(adapters or {})
+    plain = session.adapter
     datamodule = session.datamodule
     datamodule.setup("test")
     test_set = datamodule.test_set
@@ -120,29 +131,47 @@ def run_robustness(
     finish = normalise(datamodule.mean, datamodule.std)
     batch_size = like.batch_size if like is not None else int(datamodule.cfg.get("batch_size") or 64)
 
-    def measure(corruption=None) -> float:
-        return accuracy(session, images, labels, indices, finish, batch_size, corruption, seed)
+    def measure(corruption=None) -> dict:
+        """{"accuracy": the trained model's, "accuracy_<method>": each adapter's} on one cell."""
+        result = {}
+        for method, adapter in {"": None, **adapters}.items():
+            session.adapter = adapter
+            if adapter is not None:
+                adapter.reset()
+            column = f"accuracy_{method}" if method else "accuracy"
+            result[column] = accuracy(session, images, labels, indices, finish, batch_size, corruption, seed)
+        session.adapter = plain
+        return result
 
     log.info(
         "robustness: %d test images x %d corruptions x %d severities (robustness_subset=%s)",
         len(images), len(CORRUPTIONS), len(SEVERITIES), subset,
     )  # fmt: skip
-    clean = measure()
-    rows = [{"corruption": CLEAN, "severity": 0, "accuracy": clean}]
+    if adapters:
+        log.info("robustness: each cell also with adapt=%s, reset per cell", ",".join(adapters))
+    rows = [{"corruption": CLEAN, "severity": 0, **measure()}]
+    clean = rows[0]["accuracy"]
     for number, name in enumerate(CORRUPTIONS, 1):
         started = time.perf_counter()
-        accs = [measure((name, severity)) for severity in SEVERITIES]
-        rows += [
-            {"corruption": name, "severity": s, "accuracy": a} for s, a in zip(SEVERITIES, accs, strict=True)
-        ]
+        cells = [{"corruption": name, "severity": s, **measure((name, s))} for s in SEVERITIES]
+        rows += cells
+        shown = " ".join(
+            f"{r['accuracy']:.4f}" + "".join(f"/{r[f'accuracy_{m}']:.4f}" for m in adapters) for r in cells
+        )
         log.info(
             "robustness %d/%d %-15s %s (clean %.4f, %.1f s)",
-            number, len(CORRUPTIONS), name, " ".join(f"{a:.4f}" for a in accs), clean,
-            time.perf_counter() - started,
+            number, len(CORRUPTIONS), name, shown, clean, time.perf_counter() - started,
         )  # fmt: skip
     write_csv(rows, run_dir / "robustness.csv")
     plot_robustness(rows, run_dir / "robustness.png")
-    return summary(rows, len(images))
+    metrics = summary(rows, len(images))
+    for method in adapters:
+        column = [{**r, "accuracy": r[f"accuracy_{method}"]} for r in rows]
+        metrics.update(
+            {k.replace("robust/", f"robust/{method}/", 1): v for k, v in summary(column, len(images)).items()
+             if k != "robust/images"}
+        )  # fmt: skip
+    return metrics
 
 
 def summary(rows: list[dict], images: int) -> dict:
@@ -164,10 +193,11 @@ def write_csv(rows: list[dict], path: Path) -> None:
     """Written to a temporary name, then renamed: a failure leaves no half-written table."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        adapted = [k for k in rows[0] if k not in COLUMNS]  # accuracy_<method>, one per adapter
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *adapted])
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "accuracy": f"{row['accuracy']:.4f}"})
+            writer.writerow({k: f"{v:.4f}" if k.startswith("accuracy") else v for k, v in row.items()})
     os.replace(tmp, path)
 
 
