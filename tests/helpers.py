@@ -40,6 +40,7 @@ TINY = [
     "trainer.max_epochs=1",
     "trainer.num_sanity_val_steps=0",
     "callbacks.progress.refresh_rate=0",
+    "callbacks.curves=false",  # 0.2 s an epoch; test_train.py and test_curves_logs.py draw them
 ]
 
 

@@ -15,7 +15,7 @@ from visiontune.train import train
 
 
 def test_train_writes_run_dir_and_eval_reproduces_test_acc(tmp_path):
-    result = run("visiontune.train", *FAST, f"hydra.run.dir={tmp_path / 'run'}")
+    result = run("visiontune.train", *FAST, "callbacks.curves=true", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = tmp_path / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -144,7 +144,9 @@ def test_metrics_json_records_the_best_value_of_the_monitor_under_its_own_name(t
 
     monitor = ["callbacks.checkpoint.monitor=val/loss", "callbacks.checkpoint.mode=min"]
     curves = CurvesAtEpochEnd(tmp_path / "curves.png")
-    value = train(tiny_cfg(*MODEL, "trainer.max_epochs=3", *monitor), callbacks=[curves])
+    value = train(
+        tiny_cfg(*MODEL, "trainer.max_epochs=3", "callbacks.curves=true", *monitor), callbacks=[curves]
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     with open(tmp_path / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -25,7 +25,7 @@ from visiontune.train import main as train_main
 ROOT = Path(__file__).resolve().parents[1]
 CONF = Path(CONF_DIR)
 # Hydra's own settings, and sweeps (they set Hydra's sweeper, not config values): not part of the schema
-NOT_GROUPS = {"hydra", "hparams_search"}
+NOT_GROUPS = {"hydra", "hparams_search", "adapt"}  # adapt: eval's and predict's group (tests/test_adapt.py)
 
 
 def compose_train(overrides: list[str], config_name: str = "train"):

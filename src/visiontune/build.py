@@ -125,7 +125,11 @@ def build_run(
         ReadCheck(cfg.data.get("min_read_fraction", 0.5), ckpt_dir, test=bool(cfg.get("test"))),
         clock,
         StepLogInterval(),  # a short run logs step scalars too
-        TrainingCurves(run_dir / "curves.png", monitor.monitor),
+        *(
+            [TrainingCurves(run_dir / "curves.png", monitor.monitor)]
+            if cfg.callbacks.get("curves", True)
+            else []
+        ),
         *build_callbacks(cfg),
         *trial_callbacks(cfg),
         *callbacks,

@@ -405,6 +405,7 @@ class Callbacks:
     checkpoint: CheckpointCallback = key("the best checkpoint")
     progress: Progress = key("the progress bar")
     lr_monitor: bool = key("log each optimizer group's LR (needs a logger)")
+    curves: bool = key("<run>/curves.png: losses, metrics and each group's LR by epoch, redrawn every epoch")
     early_stopping: dict | None = key(
         "EarlyStopping arguments, e.g. {monitor: val/acc, mode: max, patience: 3}"
     )
