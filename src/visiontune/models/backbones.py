@@ -444,6 +444,11 @@ def _create_timm_from_folder(name: str, pretrained: bool) -> Backbone:
         raise UserError(
             f"timm:{name}: timm cannot build the model in {folder} ({one_line(exc, 160)})"
         ) from None
+    return _timm_backbone(name, model)
+
+
+def _timm_backbone(name: str, model) -> Backbone:
+    """A built timm model (num_classes=0) as a Backbone: its groups, pretrained preprocessing and chain."""
     return Backbone(
         f"timm:{name}",
         model,
@@ -502,14 +507,7 @@ def _create_timm(name: str, pretrained: bool) -> Backbone:
             f"repo {hub_id} is not in {HF_HUB_CACHE} and could not be downloaded. Fix: download it there "
             f"(hf download {hub_id}), or train from scratch with model.pretrained=false"
         ) from None
-    return Backbone(
-        f"timm:{name}",
-        model,
-        model.num_features,
-        _timm_groups(model),
-        _timm_data_config(model),
-        _timm_chain(model),
-    )
+    return _timm_backbone(name, model)
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite (offline)
