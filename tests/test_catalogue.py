@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -42,11 +43,13 @@ MAINS = {
     "serve": serve.main,
     "compress": compress.main,
     "preview": preview.main,
+    "shard": preview.shard_main,
 }
 # where each command writes, inside {tmp}; any other command is a Hydra run or sweep
 RUN_DIR = {"preview": ["--out", "{tmp}/preview.png"]}
 HYDRA_DIRS = ["hydra.run.dir={tmp}/run", "hydra.sweep.dir={tmp}/sweep"]
 FAST = ["data.train_subset=64", "data.val_subset=32", "data.test_subset=32", "data.image_size=32"]
+SHARDS = ["data=shards", "model.backbone=timm:test_efficientnet", "model.pretrained=false"]
 
 
 def row(command: str, argv: list[str], says: str, details: bool = False, xfail: str = ""):
@@ -116,6 +119,20 @@ ROWS = [
     row("preview", ["model.backbone=nosuchnet"], "unknown backbone 'nosuchnet'"),
     row("preview", ["data=imagefolder", "data.root={tmp}/missing"], "missing does not exist"),
     row("preview", ["data.image_size=-3"], "data.image_size=-3"),
+    # shard, and data=shards (the shard sets of `inputs`)
+    row("shard", [], "shard needs out=<folder for the shards>"),
+    row("shard", ["data=shards", "data.root={inputs}/shards", "out={tmp}/out"], "visiontune-shard reads a dataset"),
+    row("shard", [*FAST, "out={inputs}"], "is not empty and holds no shard set"),
+    row("train", [*SHARDS, "data.root={inputs}/shards_missing"], "shards_missing/train/chunk-0-1.bin is missing"),
+    row("train", [*SHARDS, "data.root={inputs}/shards_truncated"], "chunk-0-1.bin is truncated (100 of"),
+    row("train", [*SHARDS, "data.root={inputs}/shards_foreign"], "a manifest from another source"),
+    row("train", [*SHARDS, "data.root={inputs}/shards_unfinished"], "no manifest.json: an unfinished shard set"),
+    row("train", [*SHARDS, "data.root={inputs}"], "holds no manifest.json: no shard set"),
+    row("train", [*SHARDS, "data.root=s3://visiontune-offline/shards"], "cannot read s3://visiontune-offline/shards/"),
+    row("train", [*SHARDS, "data.root=local:{inputs}/shards", "data.cache_dir={cache}", "data.cache_limit=1kB"],
+        "data.cache_limit=1kB is smaller than one chunk"),
+    row("train", [*SHARDS, "data.root={inputs}/shards", "data.image_size=32"], "were written at image_size=16"),
+    row("eval", ["ckpt_path={ckpt}", "data.name=shards", "data.root={inputs}/shards_truncated"], "is truncated"),
 ]  # fmt: skip
 
 
@@ -135,7 +152,32 @@ def inputs(tmp_path_factory) -> Path:
     with_settings(folder / "no_model.ckpt", lambda h: h.pop("model"))
     with_settings(folder / "image_size.ckpt", lambda h: h["data"].update(image_size=-1))
     with_settings(folder / "dropout.ckpt", lambda h: h["model"]["head"].update(dropout=5.0))
+    shard_sets(folder, tmp_path_factory.mktemp("shard_source"))
     return folder
+
+
+def shard_sets(folder: Path, work: Path) -> None:
+    """A good shard set and its broken copies: a chunk missing, a chunk truncated, another set's manifest, and
+    a stopped writer's folder (no manifest)."""
+    from test_shards import means_folder, write
+
+    source = means_folder(work / "images")
+    settings = [
+        "data=imagefolder",
+        f"data.root={source}",
+        "data.image_size=16",
+        "data.crop_pct=1.0",
+        "chunk_bytes=4kB",
+    ]
+    write(work, folder / "shards", *settings)
+    write(work, work / "other", *settings[:-1], "chunk_bytes=2kB")
+    for name in ("missing", "truncated", "foreign", "unfinished"):
+        shutil.copytree(folder / "shards", folder / f"shards_{name}")
+    (folder / "shards_missing" / "train" / "chunk-0-1.bin").unlink()
+    with open(folder / "shards_truncated" / "train" / "chunk-0-1.bin", "r+b") as chunk:
+        chunk.truncate(100)
+    shutil.copy(work / "other" / "manifest.json", folder / "shards_foreign" / "manifest.json")
+    (folder / "shards_unfinished" / "manifest.json").rename(folder / "shards_unfinished" / "progress.json")
 
 
 @pytest.fixture
@@ -159,7 +201,8 @@ def left_behind(folder: Path) -> list[str]:
 @pytest.mark.parametrize(("command", "argv", "says", "details"), ROWS)
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(command, argv, says, details, inputs, busy_port,
                                                           tmp_path, capsys):  # fmt: skip
-    places = {"tmp": tmp_path, "inputs": inputs, "ckpt": LEGACY, "port": free_port(), "busy_port": busy_port}
+    places = {"tmp": tmp_path, "inputs": inputs, "ckpt": LEGACY, "port": free_port(), "busy_port": busy_port,
+              "cache": tmp_path.parent / f"{tmp_path.name}-cache"}  # fmt: skip
     where = RUN_DIR.get(command, HYDRA_DIRS)
     sweep = ["-m"] if command.endswith("-m") else []
     args = [a.format(**places) for a in (*sweep, *where, *argv)]

@@ -48,6 +48,13 @@ def small_data(option: str, tmp_path: Path) -> list[str]:
         ]
     if option in ("mnist", "cifar10", "cifar100"):  # not on this machine: compose only, no download
         return []
+    if option == "shards":  # the tiny folder, written as shards at the run's size
+        from test_shards import write
+
+        root = write_tiny_folder(tmp_path / "ds")
+        write(tmp_path, tmp_path / "shards", "data=imagefolder", f"data.root={root}", "data.val_fraction=0.25",
+              "data.image_size=32")  # fmt: skip
+        return [f"data.root={tmp_path / 'shards'}"]
     return ["data.train_subset=20", "data.val_subset=10", "data.test_subset=10"]
 
 

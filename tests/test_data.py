@@ -348,7 +348,7 @@ def test_balanced_sampler_oversamples_the_minority_class(tmp_path):
     labels = np.asarray(dm.train_set.labels)
     assert np.mean(labels == 1) == pytest.approx(1 / 6)
     sampler = dm.train_dataloader().sampler
-    drawn = [labels[i] for epoch in range(5) for i in (sampler.set_epoch(epoch), list(sampler))[1]]
+    drawn = [labels[i] for epoch in range(5) for i, _seed in (sampler.set_epoch(epoch), list(sampler))[1]]
     assert len(drawn) == 5 * 48
     assert 0.4 < np.mean(np.asarray(drawn) == 1) < 0.6  # about half, not a sixth
     sampler.set_epoch(1)

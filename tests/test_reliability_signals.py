@@ -2,7 +2,7 @@
 
 The workers get the signal too; they ignore it, and the main process stops at the end of its batch,
 saves interrupted.ckpt and prints its resume line, exactly as without workers. The resumed run ends
-with the weights of an uninterrupted one (slow: three runs). The fast tests check the pieces: a worker
+with the weights of an uninterrupted one, random augmentation included (slow: three runs). The fast tests check the pieces: a worker
 ignores both signals, a worker that dies while the run stops is part of the stop, and workers still
 running at exit do not hold the exit up.
 """
@@ -48,13 +48,16 @@ def noise_folder(root, train: int = TRAIN_IMAGES) -> None:
 
 
 def folder_run(root) -> list[str]:
-    """SIGNAL_RUN (3 epochs, dropout, cosine schedule) on the image folder, decoded by one worker process."""
+    """SIGNAL_RUN (3 epochs, dropout, cosine schedule) on the image folder, decoded by one worker process,
+    with random augmentation: each image's is seeded from (seed, epoch, index), so the resumed epoch draws
+    the flips and rotations the uninterrupted one drew."""
     return [
         *SIGNAL_RUN,
         "data=imagefolder",
         f"data.root={root}",
         "data.train_subset=null",
         "data.num_workers=1",
+        "augment=randaugment",
     ]
 
 

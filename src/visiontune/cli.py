@@ -39,6 +39,7 @@ REQUIRED = {
     "ckpt_path": "<run dir>/checkpoints/best.ckpt",
     "inputs": "<image, folder, glob, list.txt or split:test>",
     "method": "int8|prune",
+    "out": "<folder for the shards>",
 }
 # Where Hydra sets up a folder before any task runs: (module, function) -> (the folder's local name there,
 # the calls that set it up: create it, open its log, write .hydra/)

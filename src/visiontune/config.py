@@ -38,7 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from visiontune.data.checks import BALANCE, CACHE_MODES
-from visiontune.data.datamodule import FILE_DATASETS
+from visiontune.data.datamodule import FILE_DATASETS, SHARDS
 from visiontune.data.standard import STANDARD
 from visiontune.data.transforms import PRESETS
 from visiontune.errors import UserError, one_line
@@ -85,6 +85,15 @@ def text(value, cfg) -> str | None:
     return None if value.strip() else "a non-empty string"
 
 
+def byte_size(value, cfg) -> str | None:
+    from visiontune.data.shards import parse_bytes
+
+    try:
+        return None if parse_bytes(value) > 0 else "a size above 0"
+    except UserError:
+        return "a number of bytes or a size like 500MB, 20GB"
+
+
 def regex(value, cfg) -> str | None:
     try:
         re.compile(value)
@@ -116,7 +125,7 @@ def checkpoint_file(value, cfg) -> str | None:
 
 
 def dataset(value, cfg) -> str | None:
-    names = (*STANDARD, *FILE_DATASETS)
+    names = (*STANDARD, *FILE_DATASETS, SHARDS)
     return None if value in names else "one of " + ", ".join(names)
 
 
@@ -172,8 +181,11 @@ class Paths:
 class Data:
     """data: the dataset, its splits and its loaders."""
 
-    name: str = key("the dataset: fashion_mnist, mnist, cifar10, cifar100, imagefolder or csv", check=dataset)
-    root: str = key("where the data lives: a folder, or a CSV file for data=csv", check=text, required=True)
+    name: str = key(
+        "the dataset: fashion_mnist, mnist, cifar10, cifar100, imagefolder, csv or shards", check=dataset
+    )
+    root: str = key("where the data lives: a folder, a CSV file for data=csv, a URL for data=shards", check=text,
+                    required=True)  # fmt: skip
     train_subset: int | None = key("N training images, a seeded stratified subset (null = all)", ge=1)
     val_fraction: float = key("share of train held out for val when there is no val split", ge=0, lt=1)
     test_fraction: float = key("imagefolder, one flat folder: the share held out for test", ge=0, lt=1)
@@ -200,7 +212,14 @@ class Data:
     allow_class_mismatch: bool = key("eval and resume accept class names that differ from the checkpoint's")
     device_transforms: AutoOrBool = key("resize, augment and normalise whole batches on the device")
     cache: Literal[CACHE_MODES] = key("image files: decode and resize once, into memory or disk")
-    cache_dir: str | None = key("where data.cache=disk keeps its arrays (null = <root>/.cache)", check=text)
+    cache_dir: str | None = key(
+        "where data.cache=disk keeps its arrays (null = <root>/.cache), and data=shards a remote root's chunks "
+        "(null = ~/.cache/visiontune/shards)",
+        check=text,
+    )
+    cache_limit: str | int | None = key(
+        "data=shards, a remote root: the local cache's size limit (bytes, or e.g. 20GB)", check=byte_size
+    )
     max_pixels: int | None = key(
         "images with more pixels are skipped before decoding (a pixel bomb); null = no limit",
         ge=1,

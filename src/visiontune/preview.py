@@ -1,8 +1,12 @@
-"""`visiontune-augment-preview [overrides] [--n N] [--out PATH]`: look at what the model will see.
+"""The data commands.
 
+`visiontune-augment-preview [overrides] [--n N] [--out PATH]`: look at what the model will see.
 Composes the train config with the same overrides as a training run, builds the ImageDataModule
 exactly as `train()` does, and writes a PNG grid of N augmented training samples (batch-level MixUp /
 CutMix included), un-normalised back to pixels.
+
+`visiontune-shard data=<option> out=<folder>` (`shard_main`): write a dataset as LitData shards for
+`data=shards` (visiontune.data.shards; config conf/shard.yaml).
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import hydra
 import torch
+from omegaconf import DictConfig
 
-from visiontune.cli import fail
+from visiontune.cli import CONF_DIR, fail, run_cli
 from visiontune.errors import UserError
 
 GRID_COLUMNS = 8
@@ -79,5 +85,20 @@ def main(argv: list[str] | None = None) -> None:
     print(path)
 
 
-if __name__ == "__main__":
-    main()
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="shard")
+def shard_main(cfg: DictConfig) -> None:
+    from visiontune.data.shards import shard
+
+    run_cli(shard, cfg)
+
+
+if (
+    __name__ == "__main__"
+):  # python -m visiontune.preview [--n N ...] | shard <overrides> (= visiontune-shard)
+    import sys
+
+    if sys.argv[1:2] == ["shard"]:
+        del sys.argv[1]
+        shard_main()
+    else:
+        main()

@@ -22,6 +22,7 @@ of train becomes val; without a test split, the run tests on val.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from visiontune.data.files import (
     task_classes,
 )
 from visiontune.data.images import DEFAULT_MAX_PIXELS
+from visiontune.data.shards import open_shards
 from visiontune.data.splits import (
     held_out,
     missing_classes,
@@ -64,40 +66,114 @@ from visiontune.data.splits import (
 from visiontune.data.standard import STANDARD, TensorImageDataset
 from visiontune.data.transforms import eval_transform, train_transform
 from visiontune.data.workers import ignore_interrupts
+from visiontune.data.wrapped import WrappedDataset
 from visiontune.errors import UserError
 from visiontune.models.heads import config_heads, is_multi
 
 log = logging.getLogger(__name__)
 FILE_DATASETS = ("imagefolder", "csv")
+SHARDS = "shards"  # data=shards: a shard set written by visiontune-shard (visiontune.data.shards)
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation drawn from (seed, epoch): a resumed run sees exactly the uninterrupted order.
+class EpochShuffleSampler(torch.utils.data.DistributedSampler):
+    """This rank's part of an epoch order drawn from (seed, epoch): a resumed run sees exactly the
+    uninterrupted order, on every rank.
 
-    With `weights`, `n` indices drawn with replacement in proportion to them (class-balanced sampling),
-    still a function of (seed, epoch). Lightning calls `set_epoch` at every epoch start (and wraps this
-    for DDP). `skip` drops the first indices of the next pass only: a run resumed mid-epoch continues
-    where the interrupted one stopped.
+    The order is a permutation of the n indices; with `groups` (the sizes of consecutive runs of indices,
+    a shard set's chunks) a permutation of the groups, each shuffled within, so that a reader moves from
+    chunk to chunk. With `weights`, n indices drawn with replacement in proportion to them (class-balanced
+    sampling). Rank r of `num_replicas` takes the r-th of as many consecutive blocks: the ranks' parts are
+    disjoint and together the whole epoch. Each rank gets the same number of batches of `batch_size` (DDP
+    steps together): in the rare epoch where equal blocks cannot give that, a short rank repeats its first
+    image(s), at most num_replicas - 1 in all. Lightning calls `set_epoch` at every epoch start and leaves
+    this sampler alone under DDP (it is a DistributedSampler). `skip` drops the first indices of this
+    rank's next pass only: a run resumed mid-epoch continues where the interrupted one stopped.
+    With `seeded`, each index comes as (index, its augmentation seed) (see `sample_seed`, `SeededSamples`).
     """
 
-    def __init__(self, n: int, seed: int, weights=None):
+    def __init__(self, n: int, seed: int, weights=None, groups=None, num_replicas: int = 1, rank: int = 0,
+                 batch_size: int = 1, seeded: bool = False):  # fmt: skip
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.groups = None if groups is None or len(groups) <= 1 else [int(g) for g in groups]
+        self.num_replicas, self.rank, self.batch_size, self.seeded = num_replicas, rank, batch_size, seeded
+        self.shuffle, self.drop_last = True, False  # what Lightning reads of a DistributedSampler
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return self.n
+    def _bounds(self) -> list[int]:
+        """Where each rank's block of the epoch order starts (and the last ends)."""
+        share, extra = divmod(self.n, self.num_replicas)
+        return [r * share + min(r, extra) for r in range(self.num_replicas + 1)]
 
-    def __iter__(self):
+    def __len__(self) -> int:
+        bounds = self._bounds()
+        sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+        batches = max(-(-s // self.batch_size) for s in sizes)
+        mine = sizes[self.rank]
+        return max(mine, (batches - 1) * self.batch_size + 1)  # a short rank fills its last batch with one
+
+    def order(self) -> list[int]:
+        """The whole epoch's order, before the ranks' split."""
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         if self.weights is not None:
-            order = torch.multinomial(self.weights, self.n, replacement=True, generator=gen).tolist()
-        else:
-            order = torch.randperm(self.n, generator=gen).tolist()
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=gen).tolist()
+        if self.groups is None:
+            return torch.randperm(self.n, generator=gen).tolist()
+        starts = np.cumsum([0, *self.groups])
+        order: list[int] = []
+        for g in torch.randperm(len(self.groups), generator=gen).tolist():
+            order += (int(starts[g]) + torch.randperm(self.groups[g], generator=gen)).tolist()
+        return order
+
+    def __iter__(self):
+        bounds = self._bounds()
+        mine = self.order()[bounds[self.rank] : bounds[self.rank + 1]]
+        mine += mine[: len(self) - len(mine)]
         skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        mine = mine[skip:]
+        if self.seeded:
+            return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in mine])
+        return iter(mine)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one image in one epoch: a function of (seed, epoch, index) alone, so that a
+    resumed run (and any rank, worker or batch position) draws the same augmentation for it."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededSamples(WrappedDataset):
+    """The training split read by (index, seed) pairs (`EpochShuffleSampler(seeded=True)`): each image is
+    transformed under the torch RNG seeded with its own seed, in a fork, so that its random augmentation
+    depends on (seed, epoch, index) alone and the process's RNG is left as it was."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            return self.base[key]
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            # the CPU generator alone: torch.manual_seed would also queue a (lazy) seed of every CUDA device
+            torch.default_generator.manual_seed(seed)
+            return self.base[index]
+
+    def __getitems__(self, keys: list):
+        """A batch: the base's own batched read where it has one (the feature cache's), under one seed
+        drawn from its images' seeds; else image by image, each under its own."""
+        batched = getattr(self.base, "__getitems__", None)
+        if batched is None or not keys or not isinstance(keys[0], tuple):
+            return [self[key] for key in keys]
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sum(seed for _, seed in keys) % 2**63)
+            return batched([index for index, _ in keys])
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -116,6 +192,22 @@ class ImageDataModule(L.LightningDataModule):
         self.name = self.cfg["name"]
         self.standard = STANDARD.get(self.name)  # an in-memory dataset's registry entry; None: files
         self.root = Path(os.path.expanduser(str(self.cfg["root"])))
+        # data=shards: the opened shard set, whose manifest gives the classes, the task and the geometry
+        self.shards = None
+        if self.name == SHARDS:
+            self.shards = open_shards(
+                str(self.cfg["root"]), self.cfg.get("cache_dir"), self.cfg.get("cache_limit")
+            )
+            data_config = self._shard_geometry(data_config)
+            stored, asked = (
+                (self.shards.task or {}).get("name", "multiclass"),
+                (task or {}).get("name", "multiclass"),
+            )
+            if stored != asked:
+                raise UserError(f"{self.cfg['root']} holds shards of task={stored}; this run asks for task={asked}. "
+                                f"Fix: task={stored}")  # fmt: skip
+            if self.task:
+                self._heads = [dict(h) for h in self.shards.task["heads"]]
         size = self.cfg.get("image_size") or data_config["input_size"][-1]
         self.image_size = int(size)
         self.mean = self.cfg.get("mean") or data_config["mean"]
@@ -136,7 +228,7 @@ class ImageDataModule(L.LightningDataModule):
         self.balance = self.cfg.get("balance", "none")
         # what the loaders read in place of a split while it gives a dataset (see serve_instead)
         self.stand_in: Callable[[str], Dataset | None] | None = None
-        if self.task:
+        if self.task and self.name != SHARDS:
             check_task_data(self.task["name"], self.name, self.balance)
         if self.name == "imagefolder" and self.root.is_file():
             raise UserError(
@@ -153,6 +245,37 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.root {self.root} does not exist. Fix: data.root=/path/to/train.csv, or a folder "
                 "with train.csv (and optional val.csv, test.csv)"
             )
+
+    def _shard_geometry(self, data_config: dict) -> dict:
+        """The backbone's preprocessing with the shards' geometry as its default; a run that asks for another
+        image size, crop or interpolation than the shards were written at, or for what shards cannot give,
+        is refused in one line."""
+        stored = self.shards.manifest
+        for key in ("image_size", "crop_pct", "interpolation"):
+            asked = self.cfg.get(key)
+            if asked is not None and asked != stored[key]:
+                raise UserError(
+                    f"data.{key}={asked}, but the shards at {self.cfg['root']} were written at {key}={stored[key]} "
+                    f"(stored at {stored['stored_size']} px). Fix: leave data.{key} unset, or rewrite them with "
+                    f"visiontune-shard data.{key}={asked}"
+                )
+        for key in ("train_subset", "val_subset", "test_subset", "folds"):
+            if self.cfg.get(key):
+                raise UserError(
+                    f"data.{key}={self.cfg[key]} with data=shards: the shards hold the splits they were written "
+                    f"with. Fix: write them with data.{key}={self.cfg[key]} (visiontune-shard), or drop it here"
+                )
+        if self.cfg.get("cache", "none") != "none":
+            raise UserError(f"data.cache={self.cfg['cache']} with data=shards: shards are decoded already. "
+                            "Fix: data.cache=none")  # fmt: skip
+        if self.augment.get("name") in RANDOM_CROP_PRESETS:
+            raise UserError(
+                f"data=shards with augment={self.augment['name']}: its random resized crops need the full decoded "
+                f"image, the shards hold it at {stored['stored_size']} px. Use a preset without random crops "
+                "(flip, affine, color, randaugment, ...)"
+            )
+        return {**data_config, "input_size": (3, stored["image_size"], stored["image_size"]),
+                "crop_pct": stored["crop_pct"], "interpolation": stored["interpolation"]}  # fmt: skip
 
     # -- transforms
     def eval_transform(self):
@@ -184,12 +307,14 @@ class ImageDataModule(L.LightningDataModule):
                 ]
             elif self.standard:
                 self._classes = list(self.standard.classes)
+            elif self.shards is not None:
+                self._classes = self.shards.classes
             elif self.name == "imagefolder":
                 self._classes = source_classes(self.layout[0]["train"])
             elif self.name == "csv":
                 self._classes = sorted(set(read_csv_list(csv_files(self.root)["train"])[1]))
             else:
-                names = ", ".join([*STANDARD, *FILE_DATASETS])
+                names = ", ".join([*STANDARD, *FILE_DATASETS, SHARDS])
                 raise UserError(f"unknown dataset '{self.name}'; choose {names}")
         return self._classes
 
@@ -213,12 +338,14 @@ class ImageDataModule(L.LightningDataModule):
             return
         if self.standard:
             self._setup_in_memory(stage)
+        elif self.shards is not None:
+            self._setup_shards(stage)
         else:
             self._setup_folders(stage)
         parts = ("test",) if stage == "test" else ("train", "val", "test")  # what the stage reads
         self._refuse_empty_splits(parts)
         self._warn_missing_classes(parts)
-        if not self.standard:
+        if not self.standard and self.shards is None:
             self._cache_decoded(stage)
         sizes = {
             k: len(v)
@@ -293,6 +420,17 @@ class ImageDataModule(L.LightningDataModule):
         train_idx = train_idx[self._subset(self.cfg.get("train_subset"), y[train_idx].numpy(), 0)]
         self.train_set = TensorImageDataset(x[train_idx], y[train_idx], self.train_transform())
         self.val_set = TensorImageDataset(x[val_idx], y[val_idx], self.eval_transform())
+
+    def _setup_shards(self, stage):
+        """data=shards: each split as written (visiontune.data.shards), read through this run's transforms."""
+        trainer = self.trainer
+        readers = max(1, self._num_workers()) * max(1, int(getattr(trainer, "num_devices", 1) or 1))
+        for split in ("test",) if stage == "test" else ("train", "val", "test"):
+            transform = self.train_transform() if split == "train" else self.eval_transform()
+            setattr(self, f"{split}_set", self.shards.dataset(split, transform, readers))
+            self._origins[split] = ("split", self.shards.source(split))
+        if self.train_set is not None and self.task:
+            self._train_targets = self.train_set.targets
 
     def _setup_folders(self, stage):
         """imagefolder and csv: scan every split (bad files out), then split, subset, fall back."""
@@ -626,11 +764,18 @@ class ImageDataModule(L.LightningDataModule):
         return served if served is not None else getattr(self, part)
 
     def train_dataloader(self) -> DataLoader:
+        """The training loader: this rank's part of the epoch order (EpochShuffleSampler), each image
+        augmented from its own seed (SeededSamples)."""
         weights = None
         if self.balance == "sampler":  # each class drawn equally often, with replacement
             weights = 1.0 / np.maximum(self.class_counts()[self.train_labels()], 1)
-        sampler = EpochShuffleSampler(len(self.train_set), self.seed, weights)
-        return self._loader(self._served("train_set"), shuffle=True, sampler=sampler)
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochShuffleSampler(
+            len(self.train_set), self.seed, weights, getattr(self.train_set, "groups", None), replicas, rank,
+            int(self.cfg["batch_size"]), seeded=True,
+        )  # fmt: skip
+        return self._loader(SeededSamples(self._served("train_set")), shuffle=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._served("val_set"), shuffle=False)

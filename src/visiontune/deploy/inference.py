@@ -60,6 +60,8 @@ def raw_image(dataset, i: int) -> Image.Image:
         from visiontune.data.images import open_image
 
         return open_image(dataset.paths[i])
+    if hasattr(dataset, "raw"):  # a shard split: the stored image, at its pre-crop size
+        return Image.fromarray(np.ascontiguousarray(dataset.raw(i).numpy().transpose(1, 2, 0))).convert("RGB")
     if hasattr(dataset, "images"):
         array = dataset.images[i].numpy()  # uint8 (C, H, W)
         image = Image.fromarray(

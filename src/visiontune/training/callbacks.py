@@ -226,8 +226,11 @@ def worker_died(exception: BaseException) -> bool:
 class ResumeMidEpoch(L.Callback):
     """Every checkpoint records how many batches of the current epoch are done; a resume skips them.
 
-    The data order is a function of (seed, epoch) (`EpochShuffleSampler`), so skipping the first
-    `completed * batch_size` indices of the epoch continues exactly where an interrupted run stopped.
+    The data order is a function of (seed, epoch) (`EpochShuffleSampler`), and each rank's part of it a
+    function of its rank, so skipping the first `completed * batch_size` indices of this rank's part
+    continues exactly where an interrupted run stopped, on every rank (DDP steps together: every rank has
+    done the same number of batches). Each image's augmentation is seeded from (seed, epoch, index), so
+    the images after the resume are also augmented as they would have been.
     (Lightning's own loader-state hook is not used: it is skipped when `configure_optimizers` has
     already set up the data to count the steps.)
     """
@@ -252,7 +255,7 @@ class ResumeMidEpoch(L.Callback):
             if ours:
                 sampler.skip = self._resume_at * int(loader.batch_size)
                 self.completed = self._resume_at
-            else:  # e.g. a distributed sampler: the epoch starts over
+            else:  # a loader of another kind: the epoch starts over
                 log.warning(
                     "resuming mid-epoch: this loader cannot skip ahead, epoch %d restarts",
                     trainer.current_epoch,

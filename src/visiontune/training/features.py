@@ -62,7 +62,9 @@ def weights_hash(module: torch.nn.Module) -> str:
 def data_fingerprint(dataset: Dataset) -> str:
     """What a dataset's images are: file paths with sizes and mtimes, or the bytes of in-memory images."""
     digest = hashlib.sha256()
-    if hasattr(dataset, "paths"):
+    if hasattr(dataset, "fingerprint"):  # a shard split: the sha256 of its LitData index
+        digest.update(f"shards:{dataset.fingerprint}".encode())
+    elif hasattr(dataset, "paths"):
         digest.update(files_fingerprint(dataset.paths).encode())
     elif hasattr(dataset, "images"):
         images = dataset.images.contiguous()
