@@ -2,8 +2,8 @@
 
 `visiontune-shard` (`main`) writes what `data=<any option>` reads (its train, val and test splits, after
 the splits and subsets of the config) with LitData's `BinaryWriter`: each image decoded once and stored as
-uint8 at the transforms' pre-crop size (as `data.cache` stores it), in a seeded random order so that every
-chunk holds a mix of classes. A shard set is a folder:
+uint8 at the transforms' pre-crop size (as `data.cache` stores it; a grey image as one channel), in a
+seeded random order so that every chunk holds a mix of classes. A shard set is a folder:
 
     <out>/manifest.json           classes, task heads, image geometry, the source's fingerprint, per split:
                                   its size, labels, and the sha256 of its index.json and chunk list
@@ -108,7 +108,10 @@ class _Items(Dataset):
                 return k, None, f"{self.dataset.paths[i]}: {exc}"
         else:
             image = self.geometry(self.dataset.images[i])
-        return k, image.as_subclass(torch.Tensor).numpy(), self.dataset.target(i)
+        image = image.as_subclass(torch.Tensor)
+        if torch.equal(image[0], image[1]) and torch.equal(image[1], image[2]):
+            image = image[:1]  # a grey image: one channel stored, three read (a third of the bytes)
+        return k, image.numpy(), self.dataset.target(i)
 
 
 def _plain_target(target):
@@ -453,7 +456,8 @@ class ShardImageDataset(Dataset):
         item = self._reader()[int(i)]
         if self.cache is not None:
             self._evict(self._names[bisect.bisect_right(self._starts, int(i)) - 1])
-        return torch.from_numpy(np.ascontiguousarray(item["image"]))
+        image = torch.from_numpy(np.ascontiguousarray(item["image"]))
+        return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
 
     def __getitem__(self, i: int):
         image = self.raw(i)
