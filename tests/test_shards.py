@@ -209,6 +209,19 @@ def test_chunks_are_read_one_after_another_and_a_skip_continues_the_same_order()
     assert list(sampler) == order  # the skip is for one pass
 
 
+def test_each_loader_worker_is_dealt_chunks_of_its_own():
+    groups = [16] * 8
+    sampler = EpochShuffleSampler(128, 1, groups=groups, num_replicas=1, rank=0, batch_size=4, workers=2)
+    order = list(sampler)
+    assert sorted(order) == list(range(128))
+    batches = [order[i : i + 4] for i in range(0, 128, 4)]
+    chunks = [{i // 16 for i in batch} for batch in batches]
+    by_worker = [set().union(*chunks[w::2]) for w in range(2)]  # the DataLoader hands batch i to worker i % 2
+    assert not by_worker[0] & by_worker[1] and len(by_worker[0]) == len(by_worker[1]) == 4
+    sampler.skip = 10
+    assert list(sampler) == order[10:]
+
+
 def test_an_images_augmentation_depends_on_seed_epoch_and_index_alone():
     from torchvision.transforms import v2
 

@@ -86,14 +86,15 @@ class EpochShuffleSampler(torch.utils.data.DistributedSampler):
     disjoint and together the whole epoch. Each rank gets the same number of batches of `batch_size` (DDP
     steps together): in the rare epoch where equal blocks cannot give that, a short rank repeats its first
     image(s), at most num_replicas - 1 in all. Lightning calls `set_epoch` at every epoch start and leaves
-    this sampler alone under DDP (it is a DistributedSampler). `skip` drops the first indices of this
-    rank's next pass only: a run resumed mid-epoch continues where the interrupted one stopped.
+    this sampler alone under DDP (it is a DistributedSampler). With groups and `workers` loader processes,
+    each worker is dealt chunks of its own (`_by_worker`). `skip` drops the first indices of this rank's
+    next pass only: a run resumed mid-epoch continues where the interrupted one stopped.
     With `seeded`, each index comes as (index, its augmentation seed) (see `sample_seed`, `SeededSamples`).
     """
 
     def __init__(self, n: int, seed: int, weights=None, groups=None, num_replicas: int = 1, rank: int = 0,
-                 batch_size: int = 1, seeded: bool = False):  # fmt: skip
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+                 batch_size: int = 1, seeded: bool = False, workers: int = 0):  # fmt: skip
+        self.n, self.seed, self.epoch, self.skip, self.workers = n, seed, 0, 0, workers
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.groups = None if groups is None or len(groups) <= 1 else [int(g) for g in groups]
         self.num_replicas, self.rank, self.batch_size, self.seeded = num_replicas, rank, batch_size, seeded
@@ -114,6 +115,24 @@ class EpochShuffleSampler(torch.utils.data.DistributedSampler):
         mine = sizes[self.rank]
         return max(mine, (batches - 1) * self.batch_size + 1)  # a short rank fills its last batch with one
 
+    def _by_worker(self, mine: list[int]) -> list[int]:
+        """This rank's part with its chunks dealt to `workers` streams (chunk j to stream j % workers) and
+        the streams' batches interleaved: the DataLoader hands batch i to worker i % workers, so each worker
+        reads chunks of its own (a remote chunk is fetched once, not once per worker)."""
+        starts = np.cumsum([0, *self.groups])
+        chunk = np.searchsorted(starts, mine, side="right") - 1
+        streams: list[list[int]] = [[] for _ in range(self.workers)]
+        run = -1
+        for k, index in enumerate(mine):
+            if k == 0 or chunk[k] != chunk[k - 1]:
+                run += 1
+            streams[run % self.workers].append(index)
+        out: list[int] = []
+        for start in range(0, max(len(s) for s in streams), self.batch_size):
+            for stream in streams:
+                out += stream[start : start + self.batch_size]
+        return out
+
     def order(self) -> list[int]:
         """The whole epoch's order, before the ranks' split."""
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -131,6 +150,8 @@ class EpochShuffleSampler(torch.utils.data.DistributedSampler):
         bounds = self._bounds()
         mine = self.order()[bounds[self.rank] : bounds[self.rank + 1]]
         mine += mine[: len(self) - len(mine)]
+        if self.groups is not None and self.workers > 1:
+            mine = self._by_worker(mine)
         skip, self.skip = self.skip, 0
         mine = mine[skip:]
         if self.seeded:
@@ -773,7 +794,7 @@ class ImageDataModule(L.LightningDataModule):
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochShuffleSampler(
             len(self.train_set), self.seed, weights, getattr(self.train_set, "groups", None), replicas, rank,
-            int(self.cfg["batch_size"]), seeded=True,
+            int(self.cfg["batch_size"]), seeded=True, workers=self._num_workers(),
         )  # fmt: skip
         return self._loader(SeededSamples(self._served("train_set")), shuffle=True, sampler=sampler)
 
