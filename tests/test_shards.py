@@ -389,3 +389,29 @@ def test_two_ranks_read_disjoint_parts_and_a_mid_epoch_resume_is_exact(kind, ddp
     resumed_reads, straight_reads = seen(tmp_path / "record2", 2), seen(tmp_path / "record", 2)
     for rank in range(2):  # the resumed epoch read the rest of each rank's part, in the same order
         assert resumed_reads[rank]["1"] == straight_reads[rank]["1"][16:]
+
+
+def test_a_mid_epoch_resume_on_another_world_size_warns(caplog):
+    from types import SimpleNamespace
+
+    from visiontune.training.callbacks import ResumeMidEpoch
+
+    def trainer(world_size: int):
+        sampler = EpochShuffleSampler(64, 0, batch_size=8, num_replicas=world_size)
+        loader = SimpleNamespace(sampler=sampler, batch_size=8, num_workers=0)
+        return SimpleNamespace(num_training_batches=8 // world_size, train_dataloader=loader, current_epoch=1,
+                               world_size=world_size, fit_loop=None)  # fmt: skip
+
+    saved = ResumeMidEpoch()
+    saved.on_train_start(trainer(2), None)
+    saved.completed = 2
+    state = saved.state_dict()
+    assert state == {"completed": 2, "world_size": 2, "batch_size": 8}
+    for world_size, warns in ((2, False), (1, True)):
+        resumed = ResumeMidEpoch()
+        resumed.load_state_dict(state)
+        caplog.clear()
+        run = trainer(world_size)
+        resumed.on_train_start(run, None)
+        assert ("split otherwise" in caplog.text) is warns
+        assert run.train_dataloader.sampler.skip == 16

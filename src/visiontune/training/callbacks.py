@@ -239,6 +239,8 @@ class ResumeMidEpoch(L.Callback):
         self.completed = 0
         self._resume_at = 0
         self._batches = 0
+        self._layout: dict = {}  # the world size and batch size the position counts in
+        self._saved_layout: dict = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._batches = int(trainer.num_training_batches)
@@ -251,6 +253,13 @@ class ResumeMidEpoch(L.Callback):
         stale = ours and sampler.epoch != trainer.current_epoch
         if ours:
             sampler.set_epoch(trainer.current_epoch)
+        self._layout = {"world_size": int(trainer.world_size), "batch_size": int(loader.batch_size or 0)}
+        if self._resume_at and self._saved_layout and self._saved_layout != self._layout:
+            log.warning(
+                "resuming mid-epoch with %s, but the checkpoint counted its position with %s: the rest of epoch %d "
+                "is split otherwise, so some of its images are read twice or not at all",
+                self._layout, self._saved_layout, trainer.current_epoch,
+            )  # fmt: skip
         if self._resume_at:
             if ours:
                 sampler.skip = self._resume_at * int(loader.batch_size)
@@ -274,12 +283,13 @@ class ResumeMidEpoch(L.Callback):
 
     def state_dict(self) -> dict:
         if self._resume_at:  # saved before training restarted (e.g. interrupted in the sanity check)
-            return {"completed": self._resume_at}
+            return {"completed": self._resume_at, **self._saved_layout}
         # a checkpoint taken at an epoch's end (or at its validation) starts the next epoch from its top
-        return {"completed": self.completed if self.completed < self._batches else 0}
+        return {"completed": self.completed if self.completed < self._batches else 0, **self._layout}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_at = int(state_dict.get("completed", 0))
+        self._saved_layout = {k: state_dict[k] for k in ("world_size", "batch_size") if k in state_dict}
 
 
 class RunClock(L.Callback):
