@@ -394,7 +394,8 @@ def open_shards(root: str, cache_dir=None, cache_limit=None) -> ShardSet:
         if limit < largest:
             raise UserError(
                 f"data.cache_limit={cache_limit} is smaller than one chunk of {root} ({largest / 1e6:.1f}MB). Fix: "
-                f"data.cache_limit={max(1, int(np.ceil(4 * largest / 1e6)))}MB or more"
+                f"data.cache_limit={int(np.ceil(2 * len(SPLITS) * largest / 1e6))}MB or more (2 chunks for each "
+                "loader process of each split)"
             )
     return ShardSet(root, manifest, cache, limit, cache_limit)
 
