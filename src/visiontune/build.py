@@ -195,7 +195,7 @@ def build_model(
             "scheduler": plain(cfg.scheduler),
             "finetune": plain(cfg.finetune),
         },
-        data=plain(cfg.data),
+        data={**plain(cfg.data), **datamodule.stored_geometry()},
         monitor=plain(cfg.callbacks.checkpoint),
         seed=cfg.seed,
         class_weights=weights.tolist() if weights is not None else None,

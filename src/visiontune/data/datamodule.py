@@ -51,7 +51,7 @@ from visiontune.data.files import (
     task_classes,
 )
 from visiontune.data.images import DEFAULT_MAX_PIXELS
-from visiontune.data.shards import open_shards
+from visiontune.data.shards import ShardSet, open_shards
 from visiontune.data.splits import (
     held_out,
     missing_classes,
@@ -73,6 +73,7 @@ from visiontune.models.heads import config_heads, is_multi
 log = logging.getLogger(__name__)
 FILE_DATASETS = ("imagefolder", "csv")
 SHARDS = "shards"  # data=shards: a shard set written by visiontune-shard (visiontune.data.shards)
+SHARD_GEOMETRY = ("image_size", "crop_pct", "interpolation")
 
 
 class EpochShuffleSampler(torch.utils.data.DistributedSampler):
@@ -213,22 +214,13 @@ class ImageDataModule(L.LightningDataModule):
         self.name = self.cfg["name"]
         self.standard = STANDARD.get(self.name)  # an in-memory dataset's registry entry; None: files
         self.root = Path(os.path.expanduser(str(self.cfg["root"])))
-        # data=shards: the opened shard set, whose manifest gives the classes, the task and the geometry
-        self.shards = None
-        if self.name == SHARDS:
-            self.shards = open_shards(
-                str(self.cfg["root"]), self.cfg.get("cache_dir"), self.cfg.get("cache_limit")
-            )
+        # data=shards: the shard set, opened (and checked against this run) when first needed: at once when
+        # its manifest gives the geometry; later (the classes, setup) when the config names it all, as a
+        # checkpoint's does, so that a command that only needs the transforms never reaches the shards
+        self._shards: ShardSet | None = None
+        self._task_config = task
+        if self.name == SHARDS and any(self.cfg.get(k) is None for k in SHARD_GEOMETRY):
             data_config = self._shard_geometry(data_config)
-            stored, asked = (
-                (self.shards.task or {}).get("name", "multiclass"),
-                (task or {}).get("name", "multiclass"),
-            )
-            if stored != asked:
-                raise UserError(f"{self.cfg['root']} holds shards of task={stored}; this run asks for task={asked}. "
-                                f"Fix: task={stored}")  # fmt: skip
-            if self.task:
-                self._heads = [dict(h) for h in self.shards.task["heads"]]
         size = self.cfg.get("image_size") or data_config["input_size"][-1]
         self.image_size = int(size)
         self.mean = self.cfg.get("mean") or data_config["mean"]
@@ -267,11 +259,33 @@ class ImageDataModule(L.LightningDataModule):
                 "with train.csv (and optional val.csv, test.csv)"
             )
 
+    @property
+    def shards(self) -> ShardSet | None:
+        """data=shards: the opened shard set, checked against this run (`_check_shards`); else None."""
+        if self._shards is None and self.name == SHARDS:
+            self._shards = open_shards(
+                str(self.cfg["root"]), self.cfg.get("cache_dir"), self.cfg.get("cache_limit")
+            )
+            self._check_shards()
+        return self._shards
+
     def _shard_geometry(self, data_config: dict) -> dict:
-        """The backbone's preprocessing with the shards' geometry as its default; a run that asks for another
-        image size, crop or interpolation than the shards were written at, or for what shards cannot give,
-        is refused in one line."""
+        """The backbone's preprocessing with the shards' geometry as its default."""
         stored = self.shards.manifest
+        return {**data_config, "input_size": (3, stored["image_size"], stored["image_size"]),
+                "crop_pct": stored["crop_pct"], "interpolation": stored["interpolation"]}  # fmt: skip
+
+    def stored_geometry(self) -> dict:
+        """data=shards: the image size, crop and interpolation the shards were written at, which a checkpoint
+        stores among its data settings (so that its transforms need no shards); {} for other data."""
+        if self.name != SHARDS:
+            return {}
+        return {"image_size": self.image_size, "crop_pct": self.crop_pct, "interpolation": self.interpolation}
+
+    def _check_shards(self) -> None:
+        """Refuse, in one line, a run that asks for another image size, crop, interpolation or task than the
+        shards were written with, or for what shards cannot give; take the task's heads from the manifest."""
+        stored = self._shards.manifest
         for key in ("image_size", "crop_pct", "interpolation"):
             asked = self.cfg.get(key)
             if asked is not None and asked != stored[key]:
@@ -295,8 +309,15 @@ class ImageDataModule(L.LightningDataModule):
                 f"image, the shards hold it at {stored['stored_size']} px. Use a preset without random crops "
                 "(flip, affine, color, randaugment, ...)"
             )
-        return {**data_config, "input_size": (3, stored["image_size"], stored["image_size"]),
-                "crop_pct": stored["crop_pct"], "interpolation": stored["interpolation"]}  # fmt: skip
+        kinds = (
+            (self._shards.task or {}).get("name", "multiclass"),
+            (self._task_config or {}).get("name", "multiclass"),
+        )
+        if kinds[0] != kinds[1]:
+            raise UserError(f"{self.cfg['root']} holds shards of task={kinds[0]}; this run asks for task={kinds[1]}. "
+                            f"Fix: task={kinds[0]}")  # fmt: skip
+        if self.task and self._heads is None:
+            self._heads = [dict(h) for h in self._shards.task["heads"]]
 
     # -- transforms
     def eval_transform(self):
@@ -310,6 +331,8 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def heads(self) -> list[dict] | None:
         """multilabel/multitask: the task's heads with their classes (from the training CSV); else None."""
+        if self.task and self._heads is None and self.shards is not None:
+            pass  # opening the shards took their heads from the manifest
         if self.task and self._heads is None:
             self._heads = task_classes(
                 csv_files(self.root)["train"], config_heads(self.task), self.task.get("label_sep", "|"),
@@ -366,7 +389,7 @@ class ImageDataModule(L.LightningDataModule):
         parts = ("test",) if stage == "test" else ("train", "val", "test")  # what the stage reads
         self._refuse_empty_splits(parts)
         self._warn_missing_classes(parts)
-        if not self.standard and self.shards is None:
+        if not self.standard and self.name != SHARDS:
             self._cache_decoded(stage)
         sizes = {
             k: len(v)
