@@ -415,3 +415,23 @@ def test_a_mid_epoch_resume_on_another_world_size_warns(caplog):
         resumed.on_train_start(run, None)
         assert ("split otherwise" in caplog.text) is warns
         assert run.train_dataloader.sampler.skip == 16
+
+
+def test_a_checkpoint_keeps_the_shards_geometry_so_its_transforms_need_no_shards(tmp_path):
+    from visiontune.build import build_model
+    from visiontune.data.datamodule import ImageDataModule
+    from visiontune.models.backbones import backbone_data_config
+
+    source = means_folder(tmp_path / "folder")
+    write(tmp_path, tmp_path / "shards", "data=imagefolder", f"data.root={source}", "data.image_size=16",
+          "data.crop_pct=0.875")  # fmt: skip
+    cfg = compose_cfg(["data=shards", f"data.root={tmp_path / 'shards'}", *MODEL], tmp_path / "run")
+    datamodule = build_datamodule(cfg)
+    data = dict(build_model(cfg, datamodule).hparams.data)
+    assert (data["image_size"], data["crop_pct"]) == (16, 0.875)  # from the manifest, not the backbone's
+
+    shutil.rmtree(tmp_path / "shards")  # e.g. serving the model where the shards are not
+    again = ImageDataModule(data, {"name": "none"}, backbone_data_config("timm:test_efficientnet"))
+    assert again.eval_transform()(torch.zeros(3, 18, 18, dtype=torch.uint8)).shape == (3, 16, 16)
+    with pytest.raises(UserError, match="does not exist"):
+        again.classes  # noqa: B018 - reading the classes opens the shards
