@@ -171,6 +171,11 @@ def test_a_stopped_writer_leaves_no_complete_set_and_a_rerun_resumes(tmp_path, m
         assert write(tmp_path, out, *settings)["skipped"]
     with pytest.raises(UserError, match="already holds a shard set of another source"):
         write(tmp_path, out, *settings[:-1], "data.crop_pct=0.5")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="is not empty and holds no shard set"):
+        write(tmp_path, tmp_path / "mine", *settings, "overwrite=true")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 @pytest.mark.parametrize(("n", "replicas", "batch", "groups"),

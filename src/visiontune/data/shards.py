@@ -157,7 +157,7 @@ def write_shards(
 
     out = Path(out).expanduser()
     marks = (out / MANIFEST).is_file() or (out / PROGRESS).is_file()
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not marks and not overwrite):
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not marks):  # never cleared, even with overwrite
         raise UserError(f"out={out} is not empty and holds no shard set. Fix: out=<an empty or new folder>")
     datamodule.setup("fit")
     begin = time.perf_counter()
@@ -191,9 +191,9 @@ def write_shards(
                      f"{', '.join(done)} already written" if done else "no split was finished")  # fmt: skip
         else:
             log.info("%s: starting over (its unfinished shards are of another source or geometry)", out)
-    for child in out.glob("*") if out.exists() else []:
-        if child.name not in done and child.name != PROGRESS:
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for name in (*SPLITS, *(f"{split}.tmp" for split in SPLITS)):  # what a shard set holds, and nothing else
+        if name not in done and (out / name).is_dir():
+            shutil.rmtree(out / name)
     out.mkdir(parents=True, exist_ok=True)
     write_json(progress_path, {"fingerprint": fingerprint, "done": done})
 
