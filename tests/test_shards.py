@@ -365,7 +365,7 @@ def two_nodes(run_dir: Path, record: Path, *args: str, mid: str = "") -> list[st
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["shards", "folder"])
-def test_two_ranks_read_disjoint_parts_and_a_mid_epoch_resume_is_exact(kind, ddp_data, tmp_path):
+def test_ddp_two_ranks_read_disjoint_parts_and_a_mid_epoch_resume_is_exact(kind, ddp_data, tmp_path):
     """shards: the uninterrupted run is 2 nodes on loopback (trainer=multinode under torchrun), resumed as
     2-process DDP (trainer=ddp_cpu: the same 2 ranks); folder: both under trainer=ddp_cpu."""
     args = ddp_args(ddp_data[kind])
