@@ -440,3 +440,19 @@ def test_a_checkpoint_keeps_the_shards_geometry_so_its_transforms_need_no_shards
     assert again.eval_transform()(torch.zeros(3, 18, 18, dtype=torch.uint8)).shape == (3, 16, 16)
     with pytest.raises(UserError, match="does not exist"):
         again.classes  # noqa: B018 - reading the classes opens the shards
+
+
+def test_shards_take_device_transforms_on_request_and_match_the_per_image_transform(tmp_path):
+    source = noise_folder(tmp_path / "flat", per_class=6)
+    write(tmp_path, tmp_path / "shards", "data=imagefolder", f"data.root={source}", "data.image_size=16",
+          "data.crop_pct=0.875")  # fmt: skip
+    per_image = shard_datamodule(tmp_path, tmp_path / "shards", "data.device_transforms=false")
+    batched = shard_datamodule(tmp_path, tmp_path / "shards", "data.device_transforms=true")
+    assert not shard_datamodule(tmp_path, tmp_path / "shards").enable_device_transforms("auto")
+    assert batched.enable_device_transforms(True)
+    items = [batched.val_set[i] for i in range(len(batched.val_set))]
+    assert items[0][0].dtype == torch.uint8  # the loader sends uint8 images
+    images = torch.stack([image for image, _ in items])
+    out = batched.on_after_batch_transfer([images, torch.tensor([t for _, t in items])], 0)[0]
+    expected = torch.stack([per_image.val_set[i][0] for i in range(len(per_image.val_set))])
+    assert torch.allclose(out, expected, atol=1e-5)

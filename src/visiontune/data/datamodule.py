@@ -51,7 +51,7 @@ from visiontune.data.files import (
     task_classes,
 )
 from visiontune.data.images import DEFAULT_MAX_PIXELS
-from visiontune.data.shards import ShardSet, open_shards
+from visiontune.data.shards import ShardImageDataset, ShardSet, open_shards
 from visiontune.data.splits import (
     held_out,
     missing_classes,
@@ -709,21 +709,26 @@ class ImageDataModule(L.LightningDataModule):
 
     # -- batched transforms on the device (data.device_transforms)
     def enable_device_transforms(self, setting="auto") -> bool:
-        """Send the in-memory splits to the device as uint8 batches and transform them there.
+        """Send the in-memory splits (or, asked for with true, shards) to the device as uint8 batches and
+        transform them there.
 
         auto: wherever it applies (an in-memory dataset, a preset with a batched equivalent); true:
-        required (refused with the reason elsewhere); false: never. Returns whether it is on.
+        required (refused with the reason elsewhere), and shards too; false: never. Returns whether it is on.
         """
         if setting is False or self.device_transforms is not None:
             return self.device_transforms is not None
         self.setup("fit")
         splits = [self.train_set, self.val_set, self.test_set]
         why_not = None
-        if not self.standard:
-            why_not = f"data={self.name} is read from files (device transforms need an in-memory dataset)"
+        shards = (
+            self.name == SHARDS and setting is True
+        )  # uint8 images at one size: on request (not measured)
+        if not self.standard and not shards:
+            why_not = (f"data={self.name} is read from files (device transforms need an in-memory dataset, or "
+                       "data=shards)")  # fmt: skip
         elif self.augment.get("name", "none") not in DEVICE_PRESETS or self.augment.get("jsd"):
             why_not = f"augment={self.augment.get('name')} has no batched equivalent ({', '.join(DEVICE_PRESETS)} have)"
-        elif not all(type(s) is TensorImageDataset for s in splits if s is not None):
+        elif not all(type(s) in (TensorImageDataset, ShardImageDataset) for s in splits if s is not None):
             why_not = "the splits are not plain in-memory images (e.g. cached features)"
         if why_not:
             if setting is True:
