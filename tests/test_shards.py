@@ -357,7 +357,11 @@ def two_nodes(run_dir: Path, record: Path, *args: str, mid: str = "") -> list[st
         )  # fmt: skip
         for node in (0, 1)
     ]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:  # a node that never met the other waits for its rendezvous: do not leave it behind
+        for node in nodes:
+            node.kill() if node.poll() is None else None
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "MEMBER: 1/2" in outputs[0] and "MEMBER: 2/2" in outputs[1]
     return outputs
