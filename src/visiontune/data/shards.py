@@ -157,7 +157,8 @@ def write_shards(
 
     out = Path(out).expanduser()
     marks = (out / MANIFEST).is_file() or (out / PROGRESS).is_file()
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not marks):  # never cleared, even with overwrite
+    # a folder that holds anything but a shard set is never cleared, overwrite=true or not
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not marks):
         raise UserError(f"out={out} is not empty and holds no shard set. Fix: out=<an empty or new folder>")
     datamodule.setup("fit")
     begin = time.perf_counter()
