@@ -279,7 +279,9 @@ def group_options() -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("group", "option"), group_options())
 def test_every_shipped_option_passes_validation(group, option):
     needs_root = (
-        ["data.root=/some/where"] if (group, option) in (("data", "csv"), ("data", "imagefolder")) else []
+        ["data.root=/some/where"]
+        if (group, option) in (("data", "csv"), ("data", "imagefolder"), ("data", "shards"))
+        else []
     )
     if (group, option) == ("task", "multitask"):  # its heads name the columns of your CSV
         needs_root = ["task.heads=[{name: a, column: a, kind: multiclass, weight: 1.0}]"]

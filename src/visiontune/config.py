@@ -213,8 +213,7 @@ class Data:
     device_transforms: AutoOrBool = key("resize, augment and normalise whole batches on the device")
     cache: Literal[CACHE_MODES] = key("image files: decode and resize once, into memory or disk")
     cache_dir: str | None = key(
-        "where data.cache=disk keeps its arrays (null = <root>/.cache), and data=shards a remote root's chunks "
-        "(null = ~/.cache/visiontune/shards)",
+        "data.cache=disk arrays (null: <root>/.cache); remote shard chunks (null: ~/.cache/visiontune/shards)",
         check=text,
     )
     cache_limit: str | int | None = key(
