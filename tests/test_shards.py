@@ -26,6 +26,7 @@ import torch
 from helpers import MODEL, ROOT, compose_cfg, run
 from PIL import Image
 
+from visiontune import preview
 from visiontune.build import build_datamodule
 from visiontune.data import shards
 from visiontune.data.cache import precrop_geometry
@@ -67,7 +68,7 @@ def write(tmp: Path, out: Path, *overrides: str) -> dict:
     cfg = compose_cfg(
         [f"out={out}", "num_workers=0", "chunk_bytes=8kB", *overrides], tmp / "shard_run", "shard"
     )
-    return shards.shard(cfg)
+    return preview.shard(cfg)
 
 
 def shard_datamodule(tmp: Path, root, *overrides: str):

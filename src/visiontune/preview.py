@@ -85,10 +85,31 @@ def main(argv: list[str] | None = None) -> None:
     print(path)
 
 
+def shard(cfg: DictConfig) -> dict:
+    """visiontune-shard: write the shards of `cfg.data` into `cfg.out` (visiontune.data.shards.write_shards)
+    and print the one-line summary."""
+    import os
+
+    from visiontune.build import build_datamodule
+    from visiontune.data.shards import parse_bytes, source_bytes, write_shards
+
+    if cfg.data.name == "shards":
+        raise UserError(
+            "visiontune-shard reads a dataset to shard: data=imagefolder|csv|<standard set>, not data=shards"
+        )
+    workers = cfg.num_workers if cfg.num_workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    datamodule = build_datamodule(cfg)
+    result = write_shards(datamodule, Path(cfg.out), int(cfg.seed), int(workers), parse_bytes(cfg.chunk_bytes),
+                          bool(cfg.overwrite))  # fmt: skip
+    folder = source_bytes(datamodule)
+    against = f" (the source files: {folder / 1e6:.1f} MB)" if folder else ""
+    print(f"shards: {result['images']} images, {result['shards']} shards, {result['bytes'] / 1e6:.1f} MB{against}, "
+          f"{result['seconds']:.1f} s -> {result['out']}" + (" (already written)" if result["skipped"] else ""))  # fmt: skip
+    return result
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="shard")
 def shard_main(cfg: DictConfig) -> None:
-    from visiontune.data.shards import shard
-
     run_cli(shard, cfg)
 
 

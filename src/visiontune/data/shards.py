@@ -1,6 +1,6 @@
 """Shards: a dataset decoded once into LitData chunks, read from a local folder or object storage.
 
-`visiontune-shard` (`main`) writes what `data=<any option>` reads (its train, val and test splits, after
+`visiontune-shard` (`visiontune.preview.shard`) writes what `data=<any option>` reads (its train, val and test splits, after
 the splits and subsets of the config) with LitData's `BinaryWriter`: each image decoded once and stored as
 uint8 at the transforms' pre-crop size (as `data.cache` stores it; a grey image as one channel), in a
 seeded random order so that every chunk holds a mix of classes. A shard set is a folder:
@@ -484,40 +484,15 @@ class ShardImageDataset(Dataset):
             self._recent.remove(name)
 
 
-# -- visiontune-shard (its entry: visiontune.preview.shard_main) ------------------------------------
-def shard(cfg) -> dict:
-    """Write the shards of `cfg.data` into `cfg.out` and print the one-line summary."""
-    from omegaconf import OmegaConf
-
-    from visiontune.data.datamodule import ImageDataModule
-    from visiontune.models.backbones import backbone_data_config
-
-    if cfg.data.name == "shards":
-        raise UserError(
-            "visiontune-shard reads a dataset to shard: data=imagefolder|csv|<standard set>, not data=shards"
-        )
-    workers = cfg.num_workers if cfg.num_workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
-    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-    datamodule = ImageDataModule(plain(cfg.data), plain(cfg.augment), backbone_data_config(cfg.model.backbone),
-                                 seed=int(cfg.seed), task=plain(cfg.task))  # fmt: skip
-    result = write_shards(datamodule, Path(cfg.out), int(cfg.seed), int(workers), parse_bytes(cfg.chunk_bytes),
-                          bool(cfg.overwrite))  # fmt: skip
-    folder = sum(_size_of(p) for p in _source_files(datamodule))
-    against = f" (the source files: {folder / 1e6:.1f} MB)" if folder else ""
-    print(f"shards: {result['images']} images, {result['shards']} shards, {result['bytes'] / 1e6:.1f} MB{against}, "
-          f"{result['seconds']:.1f} s -> {result['out']}" + (" (already written)" if result["skipped"] else ""))  # fmt: skip
-    return result
-
-
-def _source_files(datamodule) -> list[str]:
+def source_bytes(datamodule) -> int:
+    """The size of the files a datamodule's splits read (0 for in-memory data), for the writer's summary."""
     paths = set()
     for split in SPLITS:
         paths.update(getattr(getattr(datamodule, f"{split}_set"), "paths", []))
-    return sorted(paths)
-
-
-def _size_of(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
+    total = 0
+    for path in paths:
+        try:
+            total += os.stat(path).st_size
+        except OSError:
+            pass
+    return total
