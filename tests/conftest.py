@@ -21,6 +21,7 @@ if WORKER:  # before torch is imported, so that the commands a test starts inher
         os.environ[name] = "1"
 
 import functools  # noqa: E402
+import gc  # noqa: E402
 import inspect  # noqa: E402
 import re  # noqa: E402
 
@@ -66,6 +67,13 @@ def pytest_itemcollected(item):
         item.add_marker(pytest.mark.serial)
     if is_heavy(item):
         item.add_marker(pytest.mark.heavy)
+
+
+def pytest_collection_finish(session):
+    """What collection built (the test modules, their items and imports) lives as long as the session:
+    out of the cyclic collector's way, whose full passes would otherwise walk it again and again."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)

@@ -166,13 +166,13 @@ def test_atomic_checkpoint_save_keeps_the_old_file_when_saving_fails(tmp_path, m
 def test_mlflow_and_wandb_log_offline_into_the_run_dir(logger, tmp_path, monkeypatch):
     # no MLFLOW_ALLOW_FILE_STORE: current MLflow opens only a database store without it
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    if logger == "mlflow":  # imported before the run, which then finds it imported as it finds torch
+        from mlflow.tracking import MlflowClient
     # a process of its own: wandb leaves a service and patched modules behind in the process it logs from
     result = run("visiontune.train", *TINY, *MODEL, f"logger={logger}", f"hydra.run.dir={tmp_path}",
                  env={**os.environ, "WANDB_SILENT": "true"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     if logger == "mlflow":  # a SQLite store in the run dir, read as `mlflow ui --backend-store-uri` would
-        from mlflow.tracking import MlflowClient
-
         client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
         experiment = client.get_experiment_by_name("visiontune")
         assert experiment.artifact_location == (tmp_path / "mlflow-artifacts").as_uri()

@@ -11,6 +11,8 @@ import json
 import os
 import shlex
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,13 +32,28 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HYDRA_FULL
 States = optuna.trial.TrialState
 
 
-def sweep(tmp_path: Path, *overrides: str, sweep_dir: str = "sweep", app: list[str] | None = None):
-    """Run a multirun of the tiny app (or `app`) in tmp_path; the sweep dir is tmp_path/sweep_dir."""
+def sweep(
+    tmp_path: Path,
+    *overrides: str,
+    sweep_dir: str = "sweep",
+    app: list[str] | None = None,
+    fresh: bool = False,
+):
+    """Run a multirun of the tiny app (or `app`) in tmp_path; the sweep dir is tmp_path/sweep_dir.
+
+    `fresh`: in a new interpreter, as the shell starts it, not in a fork of this worker. For a launcher
+    whose jobs run in processes of their own (joblib's loky workers, submitit's): they unpickle the
+    Hydra state the sweeper sends them, and a fork's holds the config schemas this worker has imported
+    (visiontune.config): each job process would import torch and Lightning to read it back, some
+    20 CPU-seconds a sweep. The tiny app imports neither, in the sweeper or in its jobs.
+    """
     app = app or [str(APP)]
     script, *args = app[1:] if app[0] == "-m" else app  # a module (`-m name`) or a script
-    return run(
-        script, *args, "-m", f"hydra.sweep.dir={tmp_path / sweep_dir}", *overrides, cwd=tmp_path, env=ENV
-    )
+    args = [*args, "-m", f"hydra.sweep.dir={tmp_path / sweep_dir}", *overrides]
+    if fresh:
+        command = [sys.executable, *(["-m", script] if app[0] == "-m" else [script]), *args]
+        return subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    return run(script, *args, cwd=tmp_path, env=ENV)
 
 
 def load_trials(storage: str, study_name: str = "visiontune") -> list:
@@ -51,7 +68,7 @@ def test_two_parallel_workers_share_one_study(tmp_path):
     journal = tmp_path / "study.journal"
     result = sweep(
         tmp_path, "x=interval(0,1)", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-        "hydra.sweeper.n_trials=6", f"hydra.sweeper.storage={journal}", "sleep_s=0.3",
+        "hydra.sweeper.n_trials=6", f"hydra.sweeper.storage={journal}", "sleep_s=0.3", fresh=True,
     )  # fmt: skip
     ok(result)
     trials = load_trials(str(journal))
@@ -67,7 +84,7 @@ def test_submitit_launcher_runs_the_trials(tmp_path):
     """submitit (here its local executor, as on SLURM) pickles the task and returns each job's result."""
     result = sweep(
         tmp_path, "x=interval(0,1)", "hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2",
-        "hydra.sweeper.n_trials=2", "crash_if_x_below=0.3",
+        "hydra.sweeper.n_trials=2", "crash_if_x_below=0.3", fresh=True,
     )  # fmt: skip
     ok(result)
     trials = load_trials(str(tmp_path / "sweep" / "optuna.journal"))
