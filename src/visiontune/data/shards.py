@@ -1,9 +1,9 @@
 """Shards: a dataset decoded once into LitData chunks, read from a local folder or object storage.
 
 `visiontune-shard` (`visiontune.preview.shard`) writes what `data=<any option>` reads (its train, val and
-test splits, after the splits and subsets of the config) with LitData's `BinaryWriter`: each image decoded once and stored as
-uint8 at the transforms' pre-crop size (as `data.cache` stores it; a grey image as one channel), in a
-seeded random order so that every chunk holds a mix of classes. A shard set is a folder:
+test splits, after the splits and subsets of the config) with LitData's `BinaryWriter`: each image decoded
+once and stored as uint8 at the transforms' pre-crop size (as `data.cache` stores it; a grey image as one
+channel), in a seeded random order so that every chunk holds a mix of classes. A shard set is a folder:
 
     <out>/manifest.json           classes, task heads, image geometry, the source's fingerprint, per split:
                                   its size, labels, and the sha256 of its index.json and chunk list
